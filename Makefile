@@ -1,0 +1,40 @@
+# The two commands of the README:
+#   make repro   set up .venv (pinned), run the DVC pipeline, print where the report is
+#   make test    set up .venv (pinned), run the whole test suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(abspath $(VENV))/bin
+STAMP := $(VENV)/.installed
+# Stages run `python -m stages.<name>`: put the venv first on PATH so that `python` is the venv's.
+export PATH := $(BIN):$(PATH)
+export DVC_NO_ANALYTICS := true
+SHELL := bash
+.SHELLFLAGS := -o pipefail -c
+# This machine's pip.conf names local indexes that may be absent; pip's warnings about them are noise.
+QUIET := 2>&1 | { grep -v "is ignored: it is neither" || true; }
+
+.PHONY: setup repro test lock clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required, found " + sys.version.split()[0])'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e . $(QUIET)
+	touch $(STAMP)
+
+repro: setup
+	$(BIN)/dvc config --local core.check_update false
+	$(BIN)/dvc repro
+	@echo
+	@echo "Report: $(CURDIR)/reports/report.html   (metrics: dvc metrics show)"
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+# Re-pin every transitive dependency after changing pyproject.toml.
+lock: setup
+	$(BIN)/python -m pip freeze --exclude-editable > requirements.lock
+
+clean-venv:
+	rm -rf $(VENV)

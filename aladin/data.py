@@ -1,0 +1,203 @@
+"""The image-caption dataset on disk, in the formats of the paper profile, and its readers.
+
+One dataset folder holds
+    images/<file_name>             the images (PNG for the synthetic world)
+    dataset_coco.json              Karpathy split file: {"dataset", "images": [{"filepath", "filename", "imgid",
+                                   "split", "cocoid", "sentids", "sentences": [{"tokens", "raw", "imgid",
+                                   "sentid"}]}]}; split is train | val | test (| restval for COCO)
+    annotations/captions.json      COCO captions (pycocotools.coco.COCO reads it)
+    annotations/instances.json     COCO instances: boxes [x, y, w, h] in pixels, categories = shapes
+The readers assume nothing synthetic, so that the COCO profile can reuse them (ALADIN.md section 6.1).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from . import synthetic
+from .config import DataConfig
+from .io import PipelineError, atomic_path, dumps_json, read_json
+
+KARPATHY_FILE = "dataset_coco.json"
+CAPTIONS_FILE = "annotations/captions.json"
+INSTANCES_FILE = "annotations/instances.json"
+IMAGES_DIR = "images"
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    image_id: int
+    file_name: str  # relative to the dataset folder
+    captions: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Box:
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    category: str
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing
+
+
+def _split_of(index: int, cfg: DataConfig) -> str:
+    """Images are numbered train first, then val, then test."""
+    if index < cfg.n_train:
+        return "train"
+    return "val" if index < cfg.n_train + cfg.n_val else "test"
+
+
+def write_dataset(out_dir, cfg: DataConfig, seed: int) -> dict[str, int]:
+    """Generate the synthetic world and write the whole dataset folder atomically; returns counts."""
+    if cfg.source != "synthetic":
+        raise PipelineError(f"data.source = {cfg.source!r}: only the synthetic source can be generated")
+    n_images = cfg.n_train + cfg.n_val + cfg.n_test
+    karpathy, coco_images, coco_captions, coco_boxes = [], [], [], []
+    categories = {name: i + 1 for i, name in enumerate(synthetic.SHAPES)}
+    counts = {"images": n_images, "captions": 0, "objects": 0, **{s: 0 for s in SPLITS}}
+    with atomic_path(out_dir, directory=True) as tmp:
+        (tmp / IMAGES_DIR).mkdir()
+        (tmp / "annotations").mkdir()
+        for k in range(n_images):
+            example = synthetic.generate(seed, k, cfg)
+            image_id, file_name = k + 1, f"synthetic_{k:06d}.png"
+            # No metadata chunks and a fixed compression level: the same pixels give the same bytes.
+            example.image.save(tmp / IMAGES_DIR / file_name, format="PNG", compress_level=6)
+            split = _split_of(k, cfg)
+            sentences = []
+            for text in example.captions:
+                sentid = counts["captions"]
+                sentences.append({"tokens": text.rstrip(".").split(), "raw": text, "imgid": k, "sentid": sentid})
+                coco_captions.append({"id": sentid + 1, "image_id": image_id, "caption": text})
+                counts["captions"] += 1
+            karpathy.append({"filepath": IMAGES_DIR, "filename": file_name, "imgid": k, "split": split,
+                             "cocoid": image_id, "sentids": [s["sentid"] for s in sentences],
+                             "sentences": sentences})
+            coco_images.append({"id": image_id, "file_name": file_name, "width": cfg.image_size,
+                                "height": cfg.image_size})
+            for obj in example.scene.objects:
+                x1, y1, x2, y2 = obj.bbox
+                counts["objects"] += 1
+                coco_boxes.append({
+                    "id": counts["objects"], "image_id": image_id, "category_id": categories[obj.shape],
+                    "bbox": [x1, y1, round(x2 - x1, 2), round(y2 - y1, 2)], "area": round(synthetic.area(obj), 2),
+                    "iscrowd": 0, "segmentation": [_polygon(obj)],
+                    "attributes": [obj.size, obj.colour],  # VinVL-style attribute words of the object
+                })
+            counts[split] += 1
+        info = {"description": f"ALADIN synthetic shapes world, seed {seed}", "version": "1"}
+        (tmp / KARPATHY_FILE).write_text(dumps_json({"dataset": "coco", "images": karpathy}))
+        (tmp / CAPTIONS_FILE).write_text(dumps_json(
+            {"info": info, "licenses": [], "images": coco_images, "annotations": coco_captions}))
+        (tmp / INSTANCES_FILE).write_text(dumps_json({
+            "info": info, "licenses": [], "images": coco_images, "annotations": coco_boxes,
+            "categories": [{"id": i, "name": name, "supercategory": "shape"} for name, i in categories.items()]}))
+    return counts
+
+
+def _polygon(obj: synthetic.SceneObject) -> list[float]:
+    """COCO segmentation polygon [x1, y1, x2, y2, ...]; a circle as a 32-gon."""
+    if obj.shape == "circle":
+        angles = [2 * math.pi * i / 32 for i in range(32)]
+        pts = [(obj.cx + obj.radius * math.cos(a), obj.cy + obj.radius * math.sin(a)) for a in angles]
+    else:
+        pts = synthetic.outline(obj)
+    return [round(v, 2) for p in pts for v in p]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading
+
+
+def _field(entry, key, types, where: str):
+    if not isinstance(entry, dict) or key not in entry:
+        raise PipelineError(f"{where}: missing key '{key}'")
+    value = entry[key]
+    if not isinstance(value, types) or isinstance(value, bool):
+        raise PipelineError(f"{where}: '{key}' has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _entries(doc, key: str, path: Path) -> list:
+    if not isinstance(doc, dict) or not isinstance(doc.get(key), list):
+        raise PipelineError(f"{path}: expected a JSON object with a '{key}' list")
+    return doc[key]
+
+
+def load_karpathy(dataset_dir, split: str, captions_per_image: int = 5) -> list[ImageRecord]:
+    """The images of one split of `dataset_coco.json`, in file order, with all their captions.
+
+    `train` includes Karpathy's `restval`. COCO images with more than five captions keep them all;
+    callers take the first `captions_per_image` (ALADIN.md 7.1). Raises PipelineError naming the file
+    when it is missing or malformed, the split is empty, or an image has too few captions.
+    """
+    path = Path(dataset_dir) / KARPATHY_FILE
+    wanted = {"train": ("train", "restval")}.get(split, (split,))
+    records = []
+    for i, entry in enumerate(_entries(read_json(path), "images", path)):
+        where = f"{path}: images[{i}]"
+        if _field(entry, "split", str, where) not in wanted:
+            continue
+        image_id = entry.get("cocoid", entry.get("imgid"))  # Flickr30k files have no cocoid
+        if not isinstance(image_id, int) or isinstance(image_id, bool):
+            raise PipelineError(f"{where}: needs an integer 'cocoid' or 'imgid'")
+        folder = entry.get("filepath", "")
+        if not isinstance(folder, str):
+            raise PipelineError(f"{where}: 'filepath' has the wrong type ({type(folder).__name__})")
+        file_name = str(Path(folder) / _field(entry, "filename", str, where))
+        captions = tuple(_field(s, "raw", str, f"{where}.sentences[{j}]").strip()
+                         for j, s in enumerate(_field(entry, "sentences", list, where)))
+        if len(captions) < captions_per_image:
+            raise PipelineError(f"{path}: image id {image_id} has {len(captions)} captions, "
+                                f"fewer than captions_per_image = {captions_per_image}")
+        records.append(ImageRecord(image_id, file_name, captions))
+    if not records:
+        raise PipelineError(f"{path}: split '{split}' has no images")
+    return records
+
+
+def load_instances(dataset_dir) -> dict[int, list[Box]]:
+    """Boxes per image id from `annotations/instances.json` (every listed image, possibly with none)."""
+    path = Path(dataset_dir) / INSTANCES_FILE
+    doc = read_json(path)
+    boxes: dict[int, list[Box]] = {}
+    for i, image in enumerate(_entries(doc, "images", path)):
+        boxes[_field(image, "id", int, f"{path}: images[{i}]")] = []
+    names = {}
+    for i, cat in enumerate(_entries(doc, "categories", path)):
+        where = f"{path}: categories[{i}]"
+        names[_field(cat, "id", int, where)] = _field(cat, "name", str, where)
+    for i, ann in enumerate(_entries(doc, "annotations", path)):
+        ann_id = _field(ann, "id", int, f"{path}: annotations[{i}]")
+        where = f"{path}: annotation id {ann_id}"
+        image_id, category_id = _field(ann, "image_id", int, where), _field(ann, "category_id", int, where)
+        bbox = _field(ann, "bbox", list, where)
+        if len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox):
+            raise PipelineError(f"{where}: 'bbox' must be [x, y, w, h] numbers, got {bbox!r}")
+        if image_id not in boxes:
+            raise PipelineError(f"{where}: refers to unknown image id {image_id}")
+        if category_id not in names:
+            raise PipelineError(f"{where}: refers to unknown category id {category_id}")
+        x, y, w, h = (float(v) for v in bbox)
+        boxes[image_id].append(Box(x, y, x + w, y + h, names[category_id]))
+    return boxes
+
+
+def load_image(dataset_dir, record: ImageRecord) -> Image.Image:
+    """The RGB image of `record`; a missing or undecodable file raises PipelineError naming the path."""
+    path = Path(dataset_dir) / record.file_name
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: image file not found") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise PipelineError(f"{path}: cannot decode image ({e})") from None

@@ -1,0 +1,68 @@
+"""Evaluate both heads of the distilled model on the test split.
+
+Recall (i2t and t2i R@1/5/10, medr, meanr, rsum) for the matching head (kNN in the common space) and the
+alignment head (brute-force MrSw), under the fold-mean protocol (`eval.fold_size` images per fold, the
+"1K" analogue) and the whole split (the "5K" analogue); per-query search latency of each head; the top-k
+images of a few caption queries for the report.
+
+Reads   --dataset DIR, --features DIR, --model DIR (output of train_distill),
+        params.yaml sections data, model, compat, eval, report
+Writes  --metrics FILE (deterministic recall metrics, protocol recorded), --latency FILE (timings:
+        nondeterministic, kept apart), --qualitative FILE
+Run     dvc repro evaluate
+"""
+from __future__ import annotations
+
+import argparse
+
+
+from aladin.config import load_params
+from aladin.evaluate import latency_metrics, qualitative, recall_metrics
+from aladin.features import RegionFeatures
+from aladin.backbone import load_tokenizer
+from aladin.io import write_json
+from aladin.splits import load_split
+from aladin.train import load_model, seed_everything
+from stages.common import run
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--features", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--metrics", required=True)
+    p.add_argument("--latency", required=True)
+    p.add_argument("--qualitative", required=True)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+
+    def body() -> int:
+        params = load_params(args.params)
+        seed_everything(params.seed)
+        features = RegionFeatures(args.features, expected_dim=params.model.img_feature_dim)
+        test = load_split(args.dataset, features, "test", load_tokenizer(args.model), params.model,
+                          params.compat, params.data.captions_per_image)
+        model = load_model(args.model, params.model, params.compat).eval()
+        metrics, sims = recall_metrics(model, test, params.eval, params.data.source)
+        latency = latency_metrics(model, test, params.eval)
+        examples = qualitative(test, sims, params.eval.qualitative_queries, params.report.qualitative_top_k)
+        write_json(args.metrics, metrics)
+        write_json(args.latency, latency)
+        write_json(args.qualitative, examples)
+        for head in ("matching", "alignment"):
+            m = metrics[head]
+            print(f"{head:9s} rsum {m['coco_1k_5fold']['rsum']:6.1f} (folds of {params.eval.fold_size})  "
+                  f"{m['coco_5k']['rsum']:6.1f} (all {len(test.images)})  "
+                  f"t2i latency {latency[head]['t2i']['median_ms']:.2f} ms/query")
+        return 0
+
+    return run(body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,56 @@
+import pytest
+import yaml
+
+from aladin.config import ConfigError, Params, load_params, params_from_dict
+
+
+def test_repository_params_load_and_match_defaults_for_every_key():
+    raw = yaml.safe_load(open("params.yaml"))
+    params = load_params("params.yaml")
+    assert params.distill.temperature == 6.0
+    assert params.features.blocks == (1, 1, 1, 1)
+    # Every key of params.yaml is a field (otherwise load_params would have raised); and every field of
+    # Params appears in params.yaml, so DVC tracks every value a stage can read.
+    assert set(raw) == set(Params.__dataclass_fields__)
+    for section, values in raw.items():
+        if isinstance(values, dict):
+            assert set(values) == set(type(getattr(params, section)).__dataclass_fields__), section
+
+
+def test_unknown_key_is_rejected_with_its_dotted_name():
+    with pytest.raises(ConfigError, match=r"unknown key 'distill\.temprature'"):
+        params_from_dict({"distill": {"temprature": 4.0}})
+    with pytest.raises(ConfigError, match=r"unknown key 'distil'"):
+        params_from_dict({"distil": {}})
+
+
+def test_numbers_are_coerced_for_float_fields():
+    # dvc exp run -S distill.temperature=4 writes an int; PyYAML reads 1e-05 as a string.
+    p = params_from_dict({"distill": {"temperature": 4, "lr": "1e-05"}})
+    assert p.distill.temperature == 4.0 and isinstance(p.distill.temperature, float)
+    assert p.distill.lr == pytest.approx(1e-5)
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"distill": {"temperature": "hot"}}, r"distill\.temperature must be a number, got 'hot'"),
+    ({"distill": {"temperature": -1.0}}, r"distill\.temperature must be positive"),
+    ({"train_alignment": {"epochs": 2.5}}, r"train_alignment\.epochs must be an integer"),
+    ({"compat": {"first_region_as_cls": "yes"}}, r"compat\.first_region_as_cls must be true or false"),
+    ({"distill": {"mode": "kl"}}, r"distill\.mode must be one of"),
+    ({"eval": {"fold_size": 10_000}}, r"eval\.fold_size \(10000\) is larger than the test split"),
+    ({"features": {"blocks": 3}}, r"features\.blocks must be a list"),
+    ({"model": "big"}, r"model must be a mapping"),
+])
+def test_bad_values_name_the_key(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        params_from_dict(raw)
+
+
+def test_load_params_names_the_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("distill:\n  temprature: 2.0\n")
+    with pytest.raises(ConfigError, match=rf"{path}: unknown key 'distill\.temprature'"):
+        load_params(path)
+    path.write_text("distill: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(path)
