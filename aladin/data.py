@@ -11,7 +11,7 @@ The readers assume nothing synthetic, so that the COCO profile can reuse them (A
 """
 from __future__ import annotations
 
-import math
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from PIL import Image
 
 from . import synthetic
 from .config import DataConfig
-from .io import PipelineError, atomic_path, dumps_json, read_json
+from .io import PipelineError, atomic_path, read_json
 
 KARPATHY_FILE = "dataset_coco.json"
 CAPTIONS_FILE = "annotations/captions.json"
@@ -64,13 +64,15 @@ def write_dataset(out_dir, cfg: DataConfig, seed: int) -> dict[str, int]:
     categories = {name: i + 1 for i, name in enumerate(synthetic.SHAPES)}
     counts = {"images": n_images, "captions": 0, "objects": 0, **{s: 0 for s in SPLITS}}
     with atomic_path(out_dir, directory=True) as tmp:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the dataset is an ordinary readable folder
         (tmp / IMAGES_DIR).mkdir()
         (tmp / "annotations").mkdir()
         for k in range(n_images):
             example = synthetic.generate(seed, k, cfg)
             image_id, file_name = k + 1, f"synthetic_{k:06d}.png"
-            # No metadata chunks and a fixed compression level: the same pixels give the same bytes.
-            example.image.save(tmp / IMAGES_DIR / file_name, format="PNG", compress_level=6)
+            # No metadata chunks and fixed zlib settings: the same pixels give the same bytes. Huffman-only
+            # coding (zlib strategy 2) halves the encoding time; LZ77 finds nothing to match in noise anyway.
+            example.image.save(tmp / IMAGES_DIR / file_name, format="PNG", compress_level=6, compress_type=2)
             split = _split_of(k, cfg)
             sentences = []
             for text in example.captions:
@@ -94,23 +96,24 @@ def write_dataset(out_dir, cfg: DataConfig, seed: int) -> dict[str, int]:
                 })
             counts[split] += 1
         info = {"description": f"ALADIN synthetic shapes world, seed {seed}", "version": "1"}
-        (tmp / KARPATHY_FILE).write_text(dumps_json({"dataset": "coco", "images": karpathy}))
-        (tmp / CAPTIONS_FILE).write_text(dumps_json(
+        (tmp / KARPATHY_FILE).write_text(_dumps_compact({"dataset": "coco", "images": karpathy}))
+        (tmp / CAPTIONS_FILE).write_text(_dumps_compact(
             {"info": info, "licenses": [], "images": coco_images, "annotations": coco_captions}))
-        (tmp / INSTANCES_FILE).write_text(dumps_json({
+        (tmp / INSTANCES_FILE).write_text(_dumps_compact({
             "info": info, "licenses": [], "images": coco_images, "annotations": coco_boxes,
             "categories": [{"id": i, "name": name, "supercategory": "shape"} for name, i in categories.items()]}))
     return counts
 
 
+def _dumps_compact(obj) -> str:
+    """Deterministic JSON without indentation: the big annotation files, as COCO ships them. Indented
+    output would force Python's slow pure-Python encoder (several seconds for the default dataset)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")) + "\n"
+
+
 def _polygon(obj: synthetic.SceneObject) -> list[float]:
-    """COCO segmentation polygon [x1, y1, x2, y2, ...]; a circle as a 32-gon."""
-    if obj.shape == "circle":
-        angles = [2 * math.pi * i / 32 for i in range(32)]
-        pts = [(obj.cx + obj.radius * math.cos(a), obj.cy + obj.radius * math.sin(a)) for a in angles]
-    else:
-        pts = synthetic.outline(obj)
-    return [round(v, 2) for p in pts for v in p]
+    """COCO segmentation polygon [x1, y1, x2, y2, ...]."""
+    return [round(v, 2) for p in synthetic.outline(obj) for v in p]
 
 
 # ---------------------------------------------------------------------------------------------------

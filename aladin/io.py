@@ -35,6 +35,7 @@ def atomic_path(path: str | Path, directory: bool = False):
     try:
         yield tmp
         if directory:
+            os.chmod(tmp, 0o755)  # mkdtemp creates 0700
             old = None
             if path.exists():
                 old = path.parent / f".{path.name}.old-{os.getpid()}"

@@ -17,6 +17,8 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
+from matplotlib.layout_engine import PlaceHolderLayoutEngine
+from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 from aladin.io import PipelineError, atomic_path
@@ -132,7 +134,9 @@ def write_tables(table: pd.DataFrame, out_dir: str | Path) -> list[Path]:
         return written
     written.append(out_dir / "results.md")
     with atomic_path(written[1]) as tmp:
-        tmp.write_text(format_table(table).to_markdown(index=False) + "\n")
+        shown = format_table(table)
+        align = ["left", "left"] + ["right"] * (len(shown.columns) - 2)  # head, protocol, then numbers
+        tmp.write_text(shown.to_markdown(index=False, disable_numparse=True, colalign=align) + "\n")
     return written
 
 
@@ -225,18 +229,17 @@ def plot_training_curves(history: pd.DataFrame) -> Figure:
     """Training loss (top row) and validation rsum of each head (bottom row), one column per stage."""
     is_loss = history["metric"] == "train/loss"
     is_rsum = history["metric"].str.startswith("val/") & history["metric"].str.endswith("rsum")
-    data = history[is_loss | is_rsum]
-    if data.empty:
+    if not (is_loss | is_rsum).any():
         raise PipelineError("training history has neither 'train/loss' nor 'val/.../rsum' metrics")
     stages = list(dict.fromkeys(history["stage"]))  # first-seen order
     fig = Figure(figsize=(3.2 * len(stages), 4.6), layout="constrained")
     axes = fig.subplots(2, len(stages), sharex="col", sharey="row", squeeze=False)
-    rsum_metrics = sorted(data.loc[is_rsum, "metric"].unique())
+    rsum_metrics = sorted(history.loc[is_rsum, "metric"].unique())
     palette = dict(zip(rsum_metrics, sns.color_palette(n_colors=len(rsum_metrics))))
     for col, stage in enumerate(stages):
         top, bottom = axes[0, col], axes[1, col]
-        loss = data[(data["stage"] == stage) & is_loss]
-        rsum = data[(data["stage"] == stage) & is_rsum]
+        loss = history[(history["stage"] == stage) & is_loss]
+        rsum = history[(history["stage"] == stage) & is_rsum]
         if not loss.empty:
             sns.lineplot(data=loss, x="step", y="value", marker="o", ax=top)
         if not rsum.empty:
@@ -244,6 +247,7 @@ def plot_training_curves(history: pd.DataFrame) -> Figure:
                          ax=bottom, legend=col == len(stages) - 1)
         top.set(title=stage, xlabel="", ylabel="training loss" if col == 0 else "")
         bottom.set(xlabel="epoch", ylabel="validation rsum" if col == 0 else "")
+        bottom.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole epochs
     legend = axes[1, -1].get_legend()
     if legend is not None:
         legend.set_title("")
@@ -268,6 +272,7 @@ def plot_latency_vs_rsum(eval_metrics: dict, latency: dict, protocol: str = LATE
     ax.set_xscale("log")
     low, high = points["t2i median ms"].min(), points["t2i median ms"].max()
     ax.set_xlim(low / 3, high * 3)  # room for the labels on a log axis
+    ax.margins(y=0.2)
     ax.set(xlabel="median latency per text query, t2i (ms, log scale)", ylabel=f"rsum ({protocol})")
     return fig
 
@@ -336,8 +341,17 @@ def plot_qualitative(qualitative: dict, dataset_dir: str | Path, head: str = "ma
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 150) -> Path:
-    """Write `fig` as PNG, atomically; no Software/time metadata, so equal figures give equal bytes."""
+    """Write `fig` as PNG, atomically; no Software/time metadata, so equal figures give equal bytes.
+
+    Freezes the figure's layout on the first save (later saves of the same figure give the same bytes).
+    """
     path = Path(path)
+    if not isinstance(fig.get_layout_engine(), PlaceHolderLayoutEngine):
+        # Constrained layout refines itself on every draw, so a second save would differ from the
+        # first; lay the figure out once at the output dpi and freeze the positions.
+        fig.set_dpi(dpi)
+        fig.draw_without_rendering()
+        fig.set_layout_engine("none")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi, metadata={"Software": None})
     return path

@@ -153,7 +153,9 @@ def alignment_scores(img_tokens: Tensor, img_mask: Tensor, txt_tokens: Tensor, t
         zero_fill: True reproduces quirk Q7 (masked entries are 0 before a max); False masks them with
             -inf. Either way a word (region) with no valid region (word) to compare with adds 0.
         chunk_size: at most this many images and this many captions per block, so memory holds
-            chunk_size^2 x R x W similarities instead of Ni x Nt x R x W. Same result as unchunked.
+            chunk_size^2 x R x W similarities instead of Ni x Nt x R x W. Every reduction is the same
+            as unchunked; the dot products may differ in the last bit, because BLAS (MKL) picks
+            kernels by block shape. A given chunk_size always gives the same bytes.
 
     Returns:
         `[Ni, Nt]` scores, images on rows, captions on columns.

@@ -31,13 +31,14 @@ COLOURS = {
     "blue": (40, 80, 220),
     "yellow": (240, 210, 40),
     "purple": (150, 60, 190),
-    "orange": (245, 140, 30),
+    "orange": (250, 120, 20),
 }
 SIZES = {"small": 0.08, "large": 0.14}  # circumradius as a fraction of the canvas side
 
 GAP = 0.03  # free space between the placement squares of two objects, fraction of the side
 MARGIN = 0.10  # a relation ("left of", "leftmost") needs the centres this far apart, fraction of the side
 HALF_MARGIN = 0.08  # "in the left half" needs the centre this far from the middle line
+MIN_IMAGE_SIZE = 32  # a small shape is then 5 pixels across
 PLACE_TRIES = 100  # positions tried per object before the scene is drawn again
 SCENE_TRIES = 50
 
@@ -96,9 +97,9 @@ def _rng(seed: int, index: int, stream: int) -> np.random.Generator:
 
 
 def _outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
-    """Polygon vertices of a shape of circumradius r (a circle: its bounding box corners)."""
-    if shape == "circle":
-        return [(cx - r, cy - r), (cx + r, cy + r)]
+    """Polygon vertices of a shape of circumradius r centred on (cx, cy); a circle as a 32-gon."""
+    if shape == "circle":  # 32 is a multiple of 4, so the polygon's box is the circle's box
+        return [(cx + r * math.cos(2 * math.pi * i / 32), cy + r * math.sin(2 * math.pi * i / 32)) for i in range(32)]
     if shape == "square":
         h = 0.8 * r  # a bit under r so its area is close to the other shapes'
         return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
@@ -108,9 +109,9 @@ def _outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
         return [(cx + r * math.cos(a), cy + 0.25 * r + r * math.sin(a))
                 for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
     if shape == "star":  # five points; the inner vertices at 0.45 r alternate with the outer ones
+        angles = [-math.pi / 2 + i * math.pi / 5 for i in range(10)]
         radii = [r if i % 2 == 0 else 0.45 * r for i in range(10)]
-        return [(cx + rr * math.cos(-math.pi / 2 + i * math.pi / 5), cy + rr * math.sin(-math.pi / 2 + i * math.pi / 5))
-                for i, rr in enumerate(radii)]
+        return [(cx + rr * math.cos(a), cy + rr * math.sin(a)) for a, rr in zip(angles, radii)]
     if shape == "hexagon":
         return [(cx + r * math.cos(i * math.pi / 3), cy + r * math.sin(i * math.pi / 3)) for i in range(6)]
     if shape == "cross":  # a plus sign with arms 0.6 r wide
@@ -122,6 +123,7 @@ def _outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
 
 
 def outline(obj: SceneObject) -> list[tuple[float, float]]:
+    """The object's outline polygon, pixels (also its COCO segmentation)."""
     return _outline(obj.shape, obj.cx, obj.cy, obj.radius)
 
 
@@ -145,6 +147,9 @@ def make_scene(seed: int, index: int, cfg: DataConfig) -> Scene:
     rng = _rng(seed, index, 0)
     s = cfg.image_size
     pairs = [(c, sh) for c in COLOURS for sh in SHAPES]
+    if s < MIN_IMAGE_SIZE:
+        raise PipelineError(f"data.image_size = {s} is too small for the synthetic shapes "
+                            f"(at least {MIN_IMAGE_SIZE} pixels)")
     if cfg.max_objects > min(len(pairs), len(NUMBERS) - 1):
         raise PipelineError(f"data.max_objects = {cfg.max_objects} is more than the synthetic world can "
                             f"describe ({min(len(pairs), len(NUMBERS) - 1)})")
@@ -186,7 +191,8 @@ def render(scene: Scene, seed: int, noise_std: float) -> Image.Image:
     for obj in scene.objects:
         fill = COLOURS[obj.colour]
         if obj.shape == "circle":
-            draw.ellipse(outline(obj), fill=fill)
+            r = obj.radius
+            draw.ellipse([(obj.cx - r, obj.cy - r), (obj.cx + r, obj.cy + r)], fill=fill)
         else:
             draw.polygon(outline(obj), fill=fill)
     return image

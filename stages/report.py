@@ -23,6 +23,7 @@ import nbformat
 import papermill
 from nbconvert import HTMLExporter
 from nbconvert.preprocessors import TagRemovePreprocessor
+from traitlets.config import Config
 
 from aladin import report
 from aladin.config import load_params
@@ -32,6 +33,8 @@ from stages.common import run
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KERNEL = "python3"  # the kernelspec ipykernel installs into the venv (DVC_AND_NOTEBOOKS.md 5.3)
 PARAMETER_TAGS = ("parameters", "injected-parameters")
+# Curve-encrypted kernel channels where the kernelspec supports them (ipykernel 7 warns on plain TCP).
+KERNEL_CONFIG = Config({"KernelManager": {"transport_encryption": "auto"}})
 
 
 def parse_args(argv):
@@ -63,6 +66,12 @@ def check_inputs(args, top_k: int) -> None:
     stored_k = qualitative.get("top_k") if isinstance(qualitative, dict) else None
     if not isinstance(stored_k, int) or stored_k < top_k:
         raise PipelineError(f"{args.qualitative}: top_k is {stored_k!r}, report.qualitative_top_k asks for {top_k}")
+    images = qualitative.get("images")
+    if not isinstance(images, dict):
+        raise PipelineError(f"{args.qualitative}: 'images' must map image ids to paths under --dataset")
+    for image_id, relative in sorted(images.items()):
+        if not (Path(args.dataset) / relative).is_file():
+            raise PipelineError(f"{Path(args.dataset) / relative}: image not found (qualitative images.{image_id})")
 
 
 def export_html(executed: Path, html: Path) -> None:
@@ -84,6 +93,8 @@ def main(argv=None) -> int:
 
         scratch = Path(args.scratch)
         notebook = jupytext.read(args.notebook, fmt="py:percent")
+        for i, cell in enumerate(notebook.cells):  # jupytext draws random ids; the HTML anchors show them
+            cell.id = f"cell-{i}"
         notebook.metadata["kernelspec"] = {"name": KERNEL, "display_name": "Python 3", "language": "python"}
         with atomic_path(scratch) as tmp:
             nbformat.write(notebook, tmp)
@@ -93,10 +104,12 @@ def main(argv=None) -> int:
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), saved) if p)
         try:
             with atomic_path(args.out, directory=True) as out:
+                out.chmod(0o755)  # mkdtemp makes it owner-only
                 executed = out / "report.ipynb"
                 try:
                     papermill.execute_notebook(
                         str(scratch), str(executed), kernel_name=KERNEL, log_output=False, progress_bar=False,
+                        config=KERNEL_CONFIG,
                         parameters={"eval_metrics": args.eval_metrics, "latency": args.latency,
                                     "live_dirs": ",".join(args.live), "qualitative": args.qualitative,
                                     "dataset_dir": args.dataset, "out_dir": str(out), "top_k": top_k})

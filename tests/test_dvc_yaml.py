@@ -1,0 +1,70 @@
+"""dvc.yaml tells the truth: each stage depends on every module it imports and on every path it is given."""
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+
+
+def local_imports(path: Path, seen: set) -> set:
+    """Files of aladin/ and stages/ that `path` imports, transitively."""
+    if path in seen:
+        return seen
+    seen.add(path)
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.ImportFrom):
+            if node.level:  # relative import inside aladin/
+                base = path.parent
+                names = [f"{base.name}.{node.module}" if node.module else base.name]
+                names += [f"{names[0]}.{a.name}" for a in node.names]
+            elif node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        for name in names:
+            if name.split(".")[0] in ("aladin", "stages"):
+                candidate = ROOT / (name.replace(".", "/") + ".py")
+                if candidate.is_file():
+                    local_imports(candidate, seen)
+    return seen
+
+
+@pytest.mark.parametrize("stage", sorted(DVC["stages"]))
+def test_stage_deps_cover_its_imports(stage):
+    spec = DVC["stages"][stage]
+    module = re.search(r"python -m stages\.(\w+)", spec["cmd"]).group(1)
+    files = local_imports(ROOT / "stages" / f"{module}.py", set())
+    needed = {str(f.relative_to(ROOT)) for f in files if f.name != "__init__.py"}
+    missing = needed - set(spec["deps"])
+    assert not missing, f"stage {stage} imports {sorted(missing)} but does not list them as deps"
+
+
+@pytest.mark.parametrize("stage", sorted(DVC["stages"]))
+def test_every_path_in_cmd_is_a_dep_or_an_out(stage):
+    spec = DVC["stages"][stage]
+    outs = [next(iter(o)) if isinstance(o, dict) else o for o in spec.get("outs", [])]
+    declared = set(spec["deps"]) | set(outs)
+    tokens = spec["cmd"].split()
+    paths = [t for t in tokens if "/" in t and not t.startswith("-")]
+    for path in paths:
+        assert path in declared, f"stage {stage}: {path} is in cmd but neither a dep nor an out"
+    for out in outs:
+        # An out is passed itself, or lies inside a folder that is passed (the report's --out reports).
+        assert any(out == t or out.startswith(t.rstrip("/") + "/") for t in tokens), \
+            f"stage {stage}: out {out} is not passed to the command"
+
+
+@pytest.mark.parametrize("stage", sorted(DVC["stages"]))
+def test_params_are_known_sections(stage):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for key in DVC["stages"][stage].get("params", []):
+        node = params
+        for part in key.split("."):
+            assert part in node, f"stage {stage} tracks unknown param {key}"
+            node = node[part]

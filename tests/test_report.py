@@ -1,0 +1,268 @@
+"""The report: tables against the fixture JSON, DVCLive parsing, deterministic figures, the papermill stage.
+
+Fixtures live in tests/fixtures/report (see its README): hand-written metric files in the formats the
+evaluate, benchmark and training stages write, and four 24x24 PNGs standing in for the dataset.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from matplotlib.colors import to_rgba
+
+from aladin import report
+from aladin.io import PipelineError
+from stages import report as report_stage
+
+FIXTURES = Path(__file__).parent / "fixtures" / "report"
+LIVE_DIRS = [FIXTURES / "dvclive" / "train_alignment", FIXTURES / "dvclive" / "train_distill"]
+
+
+def load(name):
+    return json.loads((FIXTURES / name).read_text())
+
+
+@pytest.fixture
+def evaluation():
+    return load("eval.json")
+
+
+@pytest.fixture
+def latency():
+    return load("latency.json")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tables
+
+
+def test_results_table_equals_fixture_values(evaluation):
+    table = report.build_results_table(evaluation)
+    assert list(table.columns) == report.TABLE_COLUMNS
+    assert list(zip(table["head"], table["protocol"])) == [
+        ("alignment", "coco_1k_5fold"), ("matching", "coco_1k_5fold"), (report.CHANCE_HEAD, "coco_1k_5fold"),
+        ("alignment", "coco_5k"), ("matching", "coco_5k"), (report.CHANCE_HEAD, "coco_5k")]
+    row = table.set_index(["head", "protocol"])
+    # Hand-checked cells of eval.json.
+    assert row.loc[("matching", "coco_5k"), "t2i R@5"] == 52.2
+    assert row.loc[("alignment", "coco_1k_5fold"), "i2t R@1"] == 62.6
+    assert row.loc[("alignment", "coco_1k_5fold"), "rsum"] == 466.6  # 62.6+89.0+95.2+47.4+81.6+90.8
+    assert row.loc[("matching", "coco_1k_5fold"), "n_folds"] == 5
+    assert row.loc[("matching", "coco_5k"), "n_images"] == 500
+    # Chance of a random ranking: t2i R@K = K / n_images; i2t R@1 = 5 captions / 5 n_images.
+    assert row.loc[(report.CHANCE_HEAD, "coco_5k"), "t2i R@10"] == 2.0
+    assert row.loc[(report.CHANCE_HEAD, "coco_1k_5fold"), "i2t R@1"] == 1.0
+    assert row.loc[(report.CHANCE_HEAD, "coco_1k_5fold"), "rsum"] == 31.57
+    # Every cell against the JSON it came from.
+    for (head, protocol), r in row.iterrows():
+        rec = evaluation["alignment" if head == report.CHANCE_HEAD else head][protocol]
+        rec = rec["chance"] if head == report.CHANCE_HEAD else rec
+        for d in ("i2t", "t2i"):
+            for k in (1, 5, 10):
+                assert r[f"{d} R@{k}"] == rec[d][f"r{k}"]
+        assert r["rsum"] == rec["rsum"]
+        assert r["rsum"] == pytest.approx(sum(r[c] for c in report.RECALL_COLUMNS), abs=0.011)
+
+
+def test_results_table_names_missing_key_and_bad_schema(evaluation):
+    broken = copy.deepcopy(evaluation)
+    del broken["matching"]["coco_5k"]["t2i"]["r5"]
+    with pytest.raises(PipelineError, match=r"eval.json: missing key 'matching.coco_5k.t2i.r5'"):
+        report.build_results_table(broken, source="eval.json")
+    broken = copy.deepcopy(evaluation)
+    broken["alignment"]["coco_5k"]["chance"]["rsum"] = "high"
+    with pytest.raises(PipelineError, match=r"'alignment.coco_5k.chance.rsum' must be a number"):
+        report.build_results_table(broken)
+    broken = dict(evaluation, schema_version=2)
+    with pytest.raises(PipelineError, match="schema_version 2"):
+        report.build_results_table(broken)
+
+
+def test_format_and_write_tables(evaluation, tmp_path):
+    table = report.build_results_table(evaluation)
+    shown = report.format_table(table)
+    assert shown.loc[4, "rsum"] == "309.0" and shown.loc[0, "i2t R@5"] == "89.0" and shown.loc[2, "i2t R@5"] == "4.9"
+    written = report.write_tables(table, tmp_path / "tables")
+    assert [p.name for p in written] == ["results.csv", "results.md"]
+    pd.testing.assert_frame_equal(pd.read_csv(written[0]), table, check_dtype=False)
+    markdown = written[1].read_text()
+    assert "| matching                | coco_5k       |" in markdown and "309.0 |" in markdown
+
+
+def test_latency_table_and_headline(evaluation, latency):
+    lat = report.latency_table(evaluation, latency).set_index("head")
+    assert lat.loc["alignment", "t2i median ms"] == 96.5 and lat.loc["matching", "rsum"] == 309.0
+    text = report.headline(evaluation, latency)
+    # 309.0 / 328.2 = 94.15%; 96.5 / 1.84 = 52.45x; paper 215 / 224 = 95.98%, 0.098 / 0.023 = 4.26x
+    assert "keeps 94.1% of the alignment head's rsum (309.0 vs 328.2)" in text
+    assert "52.4x lower median" in text and "96.0% of the rsum at 4.3x" in text
+    with pytest.raises(PipelineError, match="latency.json: missing key 'matching'"):
+        report.latency_table(evaluation, {"alignment": latency["alignment"]}, source="latency.json")
+
+
+# ---------------------------------------------------------------------------------------------------
+# DVCLive history
+
+
+def test_history_loader_on_fixture_tsvs():
+    history = report.load_dvclive_history(LIVE_DIRS[0])
+    assert list(history.columns) == ["stage", "metric", "step", "value"]
+    assert set(history["stage"]) == {"train_alignment"}
+    assert sorted(history["metric"].unique()) == [
+        "train/loss", "train/lr", "val/alignment/rsum", "val/matching/rsum", "val/selection_rsum"]
+    loss = history[history["metric"] == "train/loss"]
+    assert loss["step"].tolist() == [0, 1, 2, 3]
+    assert loss["value"].tolist() == [6.41, 4.87, 3.92, 3.35]
+    selection = history[history["metric"] == "val/selection_rsum"]["value"].tolist()
+    matching = history[history["metric"] == "val/matching/rsum"]["value"].tolist()
+    alignment = history[history["metric"] == "val/alignment/rsum"]["value"].tolist()
+    assert selection == pytest.approx([a + m for a, m in zip(alignment, matching)])  # compat.val_rsum_sum_heads
+    both = report.load_histories(LIVE_DIRS)
+    assert list(dict.fromkeys(both["stage"])) == ["train_alignment", "train_distill"]
+    assert both[(both["stage"] == "train_distill") & (both["metric"] == "val/matching/rsum")]["value"].tolist() == \
+        [180.6, 288.4, 329.2, 336.8]
+
+
+def test_history_loader_timestamp_resume_and_errors(tmp_path):
+    metrics = tmp_path / "live" / "plots" / "metrics" / "train"
+    metrics.mkdir(parents=True)
+    # timestamp column (Live(..., timestamp=True)), a resumed run re-logging step 1, and a NaN.
+    (metrics / "loss.tsv").write_text("timestamp\tstep\tloss\n10\t0\t2.5\n11\t1\t9.0\n12\t1\t2.0\n13\t2\tnan\n")
+    history = report.load_dvclive_history(tmp_path / "live")
+    assert history["step"].tolist() == [0, 1, 2]
+    assert history["value"].tolist()[:2] == [2.5, 2.0] and pd.isna(history["value"].iloc[2])
+    (metrics / "loss.tsv").write_text("step\tvalue\n0\t1.0\n")
+    with pytest.raises(PipelineError, match=r"loss.tsv:1: header must have columns 'step' and 'loss'"):
+        report.load_dvclive_history(tmp_path / "live")
+    (metrics / "loss.tsv").write_text("step\tloss\n0\t1.0\nzero\t2.0\n")
+    with pytest.raises(PipelineError, match=r"loss.tsv:3: step must be an integer"):
+        report.load_dvclive_history(tmp_path / "live")
+    with pytest.raises(PipelineError, match="DVCLive metrics folder not found"):
+        report.load_dvclive_history(tmp_path / "nowhere")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Figures
+
+
+def figures(evaluation, latency):
+    qualitative = load("qualitative.json")
+    return {
+        "training": lambda: report.plot_training_curves(report.load_histories(LIVE_DIRS)),
+        "latency": lambda: report.plot_latency_vs_rsum(evaluation, latency),
+        "qualitative": lambda: report.plot_qualitative(qualitative, FIXTURES / "dataset", head="alignment"),
+    }
+
+
+def test_figures_are_byte_identical_pngs(evaluation, latency, tmp_path):
+    report.set_theme()
+    for name, make in figures(evaluation, latency).items():
+        fig = make()
+        first = report.save_figure(fig, tmp_path / f"{name}-1.png").read_bytes()
+        again = report.save_figure(fig, tmp_path / f"{name}-2.png").read_bytes()
+        rebuilt = report.save_figure(make(), tmp_path / f"{name}-3.png").read_bytes()
+        assert first[:8] == b"\x89PNG\r\n\x1a\n" and len(first) > 1000
+        assert first == again == rebuilt, name
+        assert b"Software" not in first
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{n}-{i}.png" for n in ("training", "latency", "qualitative") for i in (1, 2, 3))
+
+
+def test_training_curves_layout():
+    fig = report.plot_training_curves(report.load_histories(LIVE_DIRS))
+    assert len(fig.axes) == 4  # (loss, rsum) x (train_alignment, train_distill)
+    assert [ax.get_title() for ax in fig.axes[:2]] == ["train_alignment", "train_distill"]
+    distill_rsum = fig.axes[3]
+    assert len(distill_rsum.get_lines()) >= 3  # alignment, matching, selection rsum
+    ys = sorted(tuple(line.get_ydata()) for line in distill_rsum.get_lines() if len(line.get_ydata()) == 4)
+    assert (180.6, 288.4, 329.2, 336.8) in ys
+
+
+def test_latency_plot_points(evaluation, latency):
+    ax = report.plot_latency_vs_rsum(evaluation, latency).axes[0]
+    assert ax.get_xscale() == "log"
+    offsets = sorted(map(tuple, ax.collections[0].get_offsets().tolist()))
+    assert offsets == [(1.84, 309.0), (96.5, 328.2)]  # (median t2i ms, coco_5k rsum) per head
+    assert sorted(t.get_text() for t in ax.texts) == ["alignment", "matching"]
+
+
+def test_qualitative_grid_frames_ground_truth():
+    qualitative = load("qualitative.json")
+    fig = report.plot_qualitative(qualitative, FIXTURES / "dataset", head="matching")
+    assert len(fig.axes) == 3 * 3  # 3 queries x top-3
+    green, grey = to_rgba("#2ca02c"), to_rgba("0.6")
+    truth_ranks = [[17, 3, 40].index(17), [40, 9, 3].index(9), None]  # from qualitative.json, matching lists
+    for row, rank in enumerate(truth_ranks):
+        for col in range(3):
+            colour = fig.axes[3 * row + col].spines["left"].get_edgecolor()
+            assert colour == (green if col == rank else grey)
+    assert fig.axes[0].get_title(loc="left").startswith('"a small red circle')
+    assert "ground truth 40 not in top 3" in fig.axes[6].get_title(loc="left")
+    assert fig.axes[0].images[0].get_array().shape == (24, 24, 3)
+    assert len(report.plot_qualitative(qualitative, FIXTURES / "dataset", top_k=2).axes) == 3 * 2
+    with pytest.raises(PipelineError, match="top_k 5 requested but the file ranks top_k = 3"):
+        report.plot_qualitative(qualitative, FIXTURES / "dataset", top_k=5)
+    with pytest.raises(PipelineError, match=r"synthetic_000017.png: image not found"):
+        report.plot_qualitative(qualitative, FIXTURES / "missing")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The stage (papermill)
+
+
+def stage_args(tmp_path, out, **overrides):
+    params = tmp_path / "params.yaml"
+    params.write_text("report:\n  qualitative_top_k: 3\n")  # the fixture ranks 3 of its 4 images
+    paths = {"--eval-metrics": FIXTURES / "eval.json", "--latency": FIXTURES / "latency.json",
+             "--qualitative": FIXTURES / "qualitative.json", "--dataset": FIXTURES / "dataset"}
+    paths.update(overrides)
+    args = ["--params", str(params), "--out", str(out), "--scratch", str(tmp_path / "build" / "report.in.ipynb"),
+            "--live", *map(str, LIVE_DIRS)]
+    for flag, path in paths.items():
+        args += [flag, str(path)]
+    return args
+
+
+def test_stage_builds_identical_html(tmp_path, capsys):
+    outs = [tmp_path / "reports-1", tmp_path / "reports-2"]
+    for out in outs:
+        assert report_stage.main(stage_args(tmp_path, out)) == 0
+    assert capsys.readouterr().out.strip().endswith("reports-2/report.html")
+    html = (outs[0] / "report.html").read_text()
+    assert "328.2" in html and "466.6" in html and "31.6" in html  # rsum cells as the table shows them
+    assert report.CHANCE_HEAD in html
+    assert html.count("<img") == 4  # latency, training curves, two qualitative grids
+    assert "keeps 94.1% of the alignment head" in html
+    assert "tests/fixtures" not in html  # the parameter cells are removed
+    assert (outs[0] / "report.html").read_bytes() == (outs[1] / "report.html").read_bytes()
+    assert (outs[0] / "report.ipynb").is_file()
+    figures = sorted(p.name for p in (outs[0] / "figures").iterdir())
+    assert figures == ["latency_vs_rsum.png", "qualitative_alignment.png", "qualitative_matching.png",
+                       "training_curves.png"]
+    for name in figures:
+        assert (outs[0] / "figures" / name).read_bytes() == (outs[1] / "figures" / name).read_bytes()
+    assert pd.read_csv(outs[0] / "tables" / "results.csv")["rsum"].tolist()[:2] == [466.6, 451.6]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+def test_stage_missing_input_is_one_error_line(tmp_path, capsys):
+    missing = tmp_path / "metrics" / "latency.json"
+    assert report_stage.main(stage_args(tmp_path, tmp_path / "reports", **{"--latency": missing})) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {missing}: file not found (--latency)"]
+    assert not (tmp_path / "reports").exists()
+
+
+def test_stage_reports_bad_input_found_inside_the_notebook(tmp_path, capsys):
+    dataset = tmp_path / "dataset"
+    shutil.copytree(FIXTURES / "dataset", dataset)
+    broken = dataset / "images" / "synthetic_000009.png"
+    broken.write_bytes(b"not a png")  # exists, so only decoding it in the notebook finds the problem
+    out = tmp_path / "reports"
+    assert report_stage.main(stage_args(tmp_path, out, **{"--dataset": dataset})) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {broken}: cannot read image")
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
