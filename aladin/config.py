@@ -101,10 +101,10 @@ class CompatConfig:
 
 @dataclass(frozen=True)
 class TrainAlignmentConfig:
-    epochs: int = 6
+    epochs: int = 4
     batch_size: int = 32
     lr: float = 5.0e-4  # paper: 1e-5 from the retrieval-tuned VinVL; here a random tiny BERT
-    lr_step: int = 4  # StepLR step in epochs (paper: 15)
+    lr_step: int = 3  # StepLR step in epochs (paper: 15)
     lr_gamma: float = 0.1
     grad_clip: float = 2.0
     margin: float = 0.2
@@ -115,10 +115,10 @@ class TrainAlignmentConfig:
 class DistillConfig:
     mode: str = "listnet"  # listnet (paper) | triplet (hinge on the matching scores)
     temperature: float = 6.0  # multiplies student scores only (mesnico/ALADIN alad/loss.py)
-    epochs: int = 6
+    epochs: int = 3
     batch_size: int = 32
     lr: float = 5.0e-4
-    lr_step: int = 4  # paper: 10 for the head-only recipes
+    lr_step: int = 2  # paper: 10 for the head-only recipes
     lr_gamma: float = 0.1
     grad_clip: float = 2.0
     margin: float = 0.2  # only for mode: triplet

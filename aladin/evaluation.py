@@ -11,10 +11,11 @@ Definitions (mesnico/ALADIN `alad/recall_auxiliary.py`, same as TERAN `evaluatio
 - t2i rank of caption c: the 0-based rank of its image among the N images by sims[:, c].
 - R@K = 100 x fraction of queries with rank < K; medr = floor(median rank) + 1; meanr = mean rank + 1.
 
-Ties: the rank of an item is the number of items with a STRICTLY greater score, so a tie with the
-positive counts in the positive's favour. The original ranks with argsort, which breaks ties in an
-arbitrary order; with continuous scores ties do not happen, and this rule makes the result
-deterministic and independent of caption order.
+Ties go AGAINST the positive: a negative that scores exactly as high as the positive ranks above it.
+The original ranks with argsort, which breaks ties in an arbitrary order. Ties are not hypothetical
+here: with the original zero-fill (quirk Q7) a collapsed alignment head scores every pair exactly 0,
+and a rule that favoured the positive would report it as perfect. This rule gives such a model the
+worst rank instead, and it is deterministic and independent of caption order.
 """
 from __future__ import annotations
 
@@ -72,24 +73,27 @@ def _as_image_of_caption(image_of_caption, n_images: int, n_captions: int) -> np
 
 
 def i2t_ranks(sims, image_of_caption=None) -> np.ndarray:
-    """int64 `[N]`: for each image, the best 0-based rank among its captions (ties favour the positive)."""
+    """int64 `[N]`: for each image, the best 0-based rank among its captions (ties go against it)."""
     sims = _as_sims(sims)
     n_images, n_captions = sims.shape
     ioc = _as_image_of_caption(image_of_caption, n_images, n_captions)
     positive = sims[ioc, np.arange(n_captions)]  # (M,), score of each caption with its own image
     best = np.full(n_images, -np.inf, dtype=sims.dtype)  # (N,)
     np.maximum.at(best, ioc, positive)  # best-scored own caption per image
-    # The best-ranked positive is the best-scored one; its rank counts captions scoring strictly above it.
-    return (sims > best[:, None]).sum(axis=1).astype(np.int64)  # (N,)
+    # The best-ranked positive is the best-scored one; foreign captions scoring at least as high rank
+    # above it (no own caption scores strictly higher, by definition of `best`).
+    foreign = ioc[None, :] != np.arange(n_images)[:, None]  # (N, M)
+    return ((sims >= best[:, None]) & foreign).sum(axis=1).astype(np.int64)  # (N,)
 
 
 def t2i_ranks(sims, image_of_caption=None) -> np.ndarray:
-    """int64 `[M]`: for each caption, the 0-based rank of its image among the N images (ties favour it)."""
+    """int64 `[M]`: for each caption, the 0-based rank of its image among the N images (ties go against it)."""
     sims = _as_sims(sims)
     n_images, n_captions = sims.shape
     ioc = _as_image_of_caption(image_of_caption, n_images, n_captions)
     positive = sims[ioc, np.arange(n_captions)]  # (M,)
-    return (sims > positive[None, :]).sum(axis=0).astype(np.int64)  # (M,)
+    # Every image scoring at least as high, minus the caption's own image (which always does).
+    return ((sims >= positive[None, :]).sum(axis=0) - 1).astype(np.int64)  # (M,)
 
 
 def recall_summary(ranks) -> dict:

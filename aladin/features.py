@@ -17,6 +17,7 @@ import base64
 import binascii
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -30,7 +31,7 @@ from torchvision.ops import roi_align
 
 from aladin import data
 from aladin.config import FeaturesConfig, Params
-from aladin.io import PipelineError, atomic_path, dumps_json, read_json
+from aladin.io import PipelineError, atomic_path, read_json, write_json
 from aladin.tsv import TSVFile, TSVWriter
 
 C4_STRIDE = 16  # stem 4 x res3 2 x res4 2 (VINVL.md 2.2); RoIAlign spatial_scale = 1/16
@@ -144,7 +145,7 @@ class RegionFeatureExtractor(nn.Module):
         return self.roi_head(pooled).mean(dim=(2, 3))  # (K, D)
 
 
-# Second moment of a pixel on the 0-255 scale, roughly: detectron2's ImageNet PIXEL_STD is
+# RMS of a mean-subtracted pixel on the 0-255 scale, roughly: detectron2's ImageNet PIXEL_STD is
 # [57.375, 57.120, 58.395]. The stem's random BN divides by it so activations start O(1).
 PIXEL_SCALE = 58.0
 
@@ -331,7 +332,7 @@ def write_region_files(out_dir: str | Path, items: Iterable[ImageRegions]) -> in
                        for box, name, conf in zip(it.boxes, it.classes, it.confs)]
             preds.write([key, json.dumps({"image_h": it.height, "image_w": it.width, "objects": objects})])
             index[key] = feats.rows - 1
-    (out_dir / "imageid2idx.json").write_text(dumps_json(index))
+    write_json(out_dir / "imageid2idx.json", index)
     return len(index)
 
 
@@ -343,18 +344,23 @@ def extract_dataset(dataset_dir: str | Path, out_dir: str | Path, params: Params
     Returns the number of images. The output directory appears whole or not at all.
     """
     cfg = params.features
-    records = [r for split in SPLITS for r in data.load_karpathy(dataset_dir, split)]
-    instances = data.load_instances(dataset_dir)
-    for r in records:  # fail before any work, not after an hour of it
-        if not instances.get(r.image_id):
-            raise PipelineError(f"{Path(dataset_dir) / 'annotations' / 'instances.json'}: image id {r.image_id} "
-                                f"({r.file_name}) has no boxes; features.mode {cfg.mode} needs at least one")
-        for b in instances[r.image_id]:
-            if not (b.x2 >= b.x1 and b.y2 >= b.y1):
-                raise PipelineError(f"{Path(dataset_dir) / 'annotations' / 'instances.json'}: image id "
-                                    f"{r.image_id} has a box with negative size {(b.x1, b.y1, b.x2, b.y2)}")
     if cfg.mode not in REGION_SOURCES:
         raise PipelineError(f"features.mode {cfg.mode!r} is not implemented (have {sorted(REGION_SOURCES)})")
+    records = [r for split in SPLITS for r in data.load_karpathy(dataset_dir, split)]
+    instances = data.load_instances(dataset_dir)
+    where = Path(dataset_dir) / data.INSTANCES_FILE
+    seen: set[int] = set()
+    for r in records:  # fail before any work, not after an hour of it
+        if r.image_id in seen:
+            raise PipelineError(f"{Path(dataset_dir) / data.KARPATHY_FILE}: image id {r.image_id} is listed twice")
+        seen.add(r.image_id)
+        if not instances.get(r.image_id):
+            raise PipelineError(f"{where}: image id {r.image_id} ({r.file_name}) has no boxes; "
+                                f"features.mode {cfg.mode} needs at least one")
+        for b in instances[r.image_id]:
+            if not (b.x2 >= b.x1 and b.y2 >= b.y1):
+                raise PipelineError(f"{where}: image id {r.image_id} has a box with negative size "
+                                    f"{(b.x1, b.y1, b.x2, b.y2)}")
     regions_of = REGION_SOURCES[cfg.mode]
     model = build_extractor(cfg, params.seed)
 
@@ -391,7 +397,7 @@ class RegionFeatures:
         self.features = TSVFile(self.directory / "features.tsv", expected_columns=3)
         self.predictions = TSVFile(self.directory / "predictions.tsv", expected_columns=2)
         for key, row in index.items():
-            if not key.lstrip("-").isdigit() or isinstance(row, bool) or not isinstance(row, int) \
+            if not re.fullmatch(r"-?[0-9]+", key) or isinstance(row, bool) or not isinstance(row, int) \
                     or not 0 <= row < len(self.features):
                 raise PipelineError(f"{self.index_path}: entry {key!r}: {row!r} is not an integer image id "
                                     f"with a row of features.tsv (0..{len(self.features) - 1})")

@@ -75,10 +75,12 @@ class Aladin(nn.Module):
 
     # ---- backbone passes -------------------------------------------------------------------------
     def text_tokens(self, x: TextInputs) -> Tokens:
+        x = x.trimmed()
         out = self.backbone.forward_text(x.input_ids, x.attention_mask)  # (N, L, H)
         return Tokens(out[:, : int(x.lengths.max())], x.lengths)
 
     def image_tokens(self, x: ImageInputs) -> Tokens:
+        x = x.trimmed()
         out = self.backbone.forward_image(x.input_ids, x.token_type_ids, x.attention_mask, x.img_feats)
         # Regions start after the tag text; the offset comes from the image input itself (quirk Q18 fixed).
         offset = x.input_ids.shape[1]

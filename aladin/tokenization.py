@@ -25,6 +25,15 @@ class TextInputs:
     def __getitem__(self, index) -> "TextInputs":
         return TextInputs(self.input_ids[index], self.attention_mask[index], self.lengths[index])
 
+    def trimmed(self) -> "TextInputs":
+        """The same batch without the padding columns no item uses.
+
+        Padded positions are masked out of attention, so real tokens get identical outputs; this only
+        saves the compute the original spends on a fixed width.
+        """
+        width = int(self.lengths.max())
+        return TextInputs(self.input_ids[:, :width], self.attention_mask[:, :width], self.lengths)
+
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
@@ -40,6 +49,18 @@ class ImageInputs:
     def __getitem__(self, index) -> "ImageInputs":
         return ImageInputs(self.input_ids[index], self.token_type_ids[index], self.attention_mask[index],
                            self.img_feats[index], self.lengths[index])
+
+    def trimmed(self) -> "ImageInputs":
+        """The same batch without unused tag padding and region slots (see `TextInputs.trimmed`).
+
+        Regions carry no position embedding and tags keep their positions, so outputs are unchanged.
+        """
+        width, regions = self.input_ids.shape[1], self.img_feats.shape[1]
+        tag_width = int(self.attention_mask[:, :width].sum(dim=1).max())
+        n_regions = max(1, int(self.lengths.max()))
+        keep = torch.cat([torch.arange(tag_width), width + torch.arange(n_regions)])
+        return ImageInputs(self.input_ids[:, :tag_width], self.token_type_ids[:, :tag_width],
+                           self.attention_mask[:, keep], self.img_feats[:, :n_regions], self.lengths)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]

@@ -110,7 +110,7 @@ def fit(model: Aladin, stage: Stage, train: SplitInputs, val: SplitInputs, seed:
     Returns the metrics of the best epoch. Raises PipelineError if the loss becomes NaN or infinite.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=stage.lr)
+    optimizer = torch.optim.Adam(params, lr=stage.lr, foreach=True)  # same maths, fewer kernel launches
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=stage.lr_step, gamma=stage.lr_gamma)
     generator = torch.Generator().manual_seed(seed)
     best, best_metrics = float("-inf"), {}
