@@ -117,7 +117,7 @@ class DistillConfig:
     temperature: float = 6.0  # multiplies student scores only (mesnico/ALADIN alad/loss.py)
     epochs: int = 3
     batch_size: int = 32
-    lr: float = 5.0e-4
+    lr: float = 1.0e-3
     lr_step: int = 2  # paper: 10 for the head-only recipes
     lr_gamma: float = 0.1
     grad_clip: float = 2.0
@@ -155,7 +155,7 @@ class Params:
 
 # Values a field may take, checked at load time so a typo fails before any work starts.
 CHOICES = {
-    "data.source": ("synthetic",),
+    "data.source": ("synthetic",),  # coco: the paper profile (a later issue)
     "features.mode": ("given_boxes",),
     "model.alignment_mode": ("MrSw", "MrAVGw", "MwSr", "symm", "sum", "mean"),
     "compat.image_first_token": ("unk", "cls"),

@@ -309,7 +309,8 @@ def plot_qualitative(qualitative: dict, dataset_dir: str | Path, head: str = "ma
     if not isinstance(queries, list) or not queries:
         raise PipelineError(f"{source}: 'queries' must be a non-empty list")
     fig = Figure(figsize=(1.5 * top_k, 1.75 * len(queries)), layout="constrained")
-    axes = fig.subplots(len(queries), top_k, squeeze=False)
+    # One subfigure per query, so a long caption title spans its row instead of widening column 0.
+    rows = fig.subfigures(len(queries), 1, squeeze=False)[:, 0]
     for row, query in enumerate(queries):
         where = f"{source}: queries[{row}]"
         caption = _get(query, ["caption"], where)
@@ -319,8 +320,9 @@ def plot_qualitative(qualitative: dict, dataset_dir: str | Path, head: str = "ma
             raise PipelineError(f"{where}.{head} must list at least {top_k} image ids")
         ranked = [int(i) for i in ranked[:top_k]]
         title = f'"{caption}"' + ("" if truth in ranked else f"  (ground truth {truth} not in top {top_k})")
+        axes = rows[row].subplots(1, top_k, squeeze=False)[0]
         for col, image_id in enumerate(ranked):
-            ax = axes[row, col]
+            ax = axes[col]
             ax.imshow(_load_image(qualitative, image_id, dataset_dir, source))
             ax.set_xticks([])
             ax.set_yticks([])
@@ -331,7 +333,7 @@ def plot_qualitative(qualitative: dict, dataset_dir: str | Path, head: str = "ma
                 spine.set_edgecolor(colour)
                 spine.set_linewidth(width)
             ax.set_xlabel(f"#{col + 1}  id {image_id}", fontsize=7)
-        axes[row, 0].set_title(title, loc="left", fontsize=8)
+        rows[row].suptitle(title, x=0.01, ha="left", fontsize=8)
     fig.suptitle(f"Top-{top_k} images per caption, {head} head (green frame: ground truth)", fontsize=9)
     return fig
 

@@ -58,7 +58,8 @@ def main(argv=None) -> int:
             m = metrics[head]
             print(f"{head:9s} rsum {m['coco_1k_5fold']['rsum']:6.1f} (folds of {params.eval.fold_size})  "
                   f"{m['coco_5k']['rsum']:6.1f} (all {len(test.images)})  "
-                  f"t2i latency {latency[head]['t2i']['median_ms']:.2f} ms/query")
+                  f"t2i latency {latency[head]['t2i']['median_ms']:.2f} ms/query "
+                  f"(search alone {latency[head]['t2i']['search_median_ms']:.3f} ms)")
         return 0
 
     return run(body)
