@@ -66,13 +66,14 @@ display(Markdown(report.headline(evaluation, timing)))
 # %%
 table = report.build_results_table(evaluation, source=eval_metrics)
 report.write_tables(table, out / "tables")
-display(report.format_table(table))
+display(report.format_table(table).set_index(["protocol", "head"]))
 
 # %% [markdown]
 # ## Efficiency
 #
 # rsum on `coco_5k` against the median latency of one text-to-image query (query encoding included when
-# `includes_query_encoding` is true), log scale. The paper draws the same plot for COCO 5K.
+# `includes_query_encoding` is true), log scale; `t2i search ms` is the search alone against the
+# pre-encoded gallery. The paper draws the same plot for COCO 5K.
 
 # %%
 display(report.latency_table(evaluation, timing))

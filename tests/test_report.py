@@ -94,8 +94,14 @@ def test_format_and_write_tables(evaluation, tmp_path):
 
 
 def test_latency_table_and_headline(evaluation, latency):
-    lat = report.latency_table(evaluation, latency).set_index("head")
+    lat = report.latency_table(evaluation, latency)
     assert lat.loc["alignment", "t2i median ms"] == 96.5 and lat.loc["matching", "rsum"] == 309.0
+    assert "t2i search ms" not in lat.columns  # the fixture predates search-only timing
+    with_search = json.loads(json.dumps(latency))
+    with_search["alignment"]["t2i"]["search_median_ms"] = 0.5
+    with_search["matching"]["t2i"]["search_median_ms"] = 0.01
+    assert report.latency_table(evaluation, with_search).loc["alignment", "t2i search ms"] == 0.5
+    assert "the search alone is 50.0x faster" in report.headline(evaluation, with_search)
     text = report.headline(evaluation, latency)
     # 309.0 / 328.2 = 94.15%; 96.5 / 1.84 = 52.45x; paper 215 / 224 = 95.98%, 0.098 / 0.023 = 4.26x
     assert "keeps 94.1% of the alignment head's rsum (309.0 vs 328.2)" in text
@@ -199,8 +205,9 @@ def test_qualitative_grid_frames_ground_truth():
         for col in range(3):
             colour = fig.axes[3 * row + col].spines["left"].get_edgecolor()
             assert colour == (green if col == rank else grey)
-    assert fig.axes[0].get_title(loc="left").startswith('"a small red circle')
-    assert "ground truth 40 not in top 3" in fig.axes[6].get_title(loc="left")
+    titles = [sub.get_suptitle() for sub in fig.subfigs]  # one row (subfigure) per query
+    assert titles[0].startswith('"a small red circle')
+    assert "ground truth 40 not in top 3" in titles[2]
     assert fig.axes[0].images[0].get_array().shape == (24, 24, 3)
     assert len(report.plot_qualitative(qualitative, FIXTURES / "dataset", top_k=2).axes) == 3 * 2
     with pytest.raises(PipelineError, match="top_k 5 requested but the file ranks top_k = 3"):

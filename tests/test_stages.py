@@ -1,4 +1,5 @@
 """Stages called as functions on a micro dataset: bad input stops them with one named error, no output."""
+import json
 import shutil
 
 import pytest
@@ -57,6 +58,16 @@ def test_stages_run_end_to_end_in_process(micro, tmp_path):
                                 str(tmp_path / "m.json"), "--latency", str(tmp_path / "l.json"),
                                 "--qualitative", str(tmp_path / "q.json")]) == 0
     assert (tmp_path / "m.json").is_file() and (tmp_path / "align" / "model.safetensors").is_file()
+    # The hinge (triplet) alternative to ListNet trains the same head from the same teacher.
+    params = yaml.safe_load(p.read_text())
+    params["distill"]["mode"] = "triplet"
+    (tmp_path / "triplet.yaml").write_text(yaml.safe_dump(params))
+    assert train_distill.main(["--params", str(tmp_path / "triplet.yaml"), "--dataset", str(micro / "dataset"),
+                               "--features", str(micro / "features"), "--teacher", str(tmp_path / "align"),
+                               "--out", str(tmp_path / "triplet"), "--live", str(tmp_path / "tl")]) == 0
+    listnet_loss = json.loads((tmp_path / "dl" / "metrics.json").read_text())["train"]["loss"]
+    triplet_loss = json.loads((tmp_path / "tl" / "metrics.json").read_text())["train"]["loss"]
+    assert listnet_loss != pytest.approx(triplet_loss)
 
 
 def test_typo_in_params_stops_training_before_any_output(micro, tmp_path, capsys):
