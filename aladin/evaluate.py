@@ -8,20 +8,20 @@ import torch
 from .config import EvalConfig
 from .evaluation import evaluate_protocol
 from .model import Aladin
-from .retrieval import alignment_similarities, encode_split, matching_similarities, measure_latency, top_images
+from .retrieval import EncodedSplit, alignment_similarities, matching_similarities, measure_latency, top_images
 from .splits import SplitInputs
 
 SCHEMA_VERSION = 1
 
 
-def recall_metrics(model: Aladin, split: SplitInputs, cfg: EvalConfig, dataset: str) -> tuple[dict, dict]:
+def recall_metrics(model: Aladin, split: SplitInputs, enc: EncodedSplit, cfg: EvalConfig,
+                   dataset: str) -> tuple[dict, dict]:
     """Metrics of both heads under both protocols, and the similarity matrices they came from.
 
     `coco_1k_5fold` is the mean over sequential folds of `eval.fold_size` images (COCO: 5 x 1000);
     `coco_5k` is the whole test split (ALADIN.md 7.5). Under the synthetic profile the names mean the
     scaled-down analogues; `n_images` and `n_folds` say what was evaluated.
     """
-    enc = encode_split(model, split, cfg.batch_size)
     sims = {"matching": matching_similarities(enc), "alignment": alignment_similarities(model, enc, cfg.chunk_size)}
     out = {"schema_version": SCHEMA_VERSION, "dataset": dataset, "split": "test"}
     for head, s in sims.items():
@@ -32,8 +32,7 @@ def recall_metrics(model: Aladin, split: SplitInputs, cfg: EvalConfig, dataset: 
     return out, sims
 
 
-def latency_metrics(model: Aladin, split: SplitInputs, cfg: EvalConfig) -> dict:
-    enc = encode_split(model, split, cfg.batch_size)
+def latency_metrics(model: Aladin, split: SplitInputs, enc: EncodedSplit, cfg: EvalConfig) -> dict:
     timing = measure_latency(model, split, enc, cfg.latency_queries, cfg.chunk_size)
     return dict(timing, device="cpu", processor=platform.processor() or platform.machine(),
                 torch_version=torch.__version__, threads=torch.get_num_threads(),

@@ -21,6 +21,7 @@ from aladin.evaluate import latency_metrics, qualitative, recall_metrics
 from aladin.features import RegionFeatures
 from aladin.backbone import load_tokenizer
 from aladin.io import write_json
+from aladin.retrieval import encode_split
 from aladin.splits import load_split
 from aladin.train import load_model, seed_everything
 from stages.common import run
@@ -48,8 +49,9 @@ def main(argv=None) -> int:
         test = load_split(args.dataset, features, "test", load_tokenizer(args.model), params.model,
                           params.compat, params.data.captions_per_image)
         model = load_model(args.model, params.model, params.compat).eval()
-        metrics, sims = recall_metrics(model, test, params.eval, params.data.source)
-        latency = latency_metrics(model, test, params.eval)
+        encoded = encode_split(model, test, params.eval.batch_size)  # the gallery, encoded once
+        metrics, sims = recall_metrics(model, test, encoded, params.eval, params.data.source)
+        latency = latency_metrics(model, test, encoded, params.eval)
         examples = qualitative(test, sims, params.eval.qualitative_queries, params.report.qualitative_top_k)
         write_json(args.metrics, metrics)
         write_json(args.latency, latency)
