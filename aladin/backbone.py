@@ -12,7 +12,6 @@ A checkpoint folder has the VinVL/Oscar layout: `config.json`, `vocab.txt` and `
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import torch

@@ -8,7 +8,6 @@ writes an int, PyYAML reads `1e-05` as a string; DVC_AND_NOTEBOOKS.md section 3.
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path

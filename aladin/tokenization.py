@@ -55,7 +55,7 @@ class ImageInputs:
 
         Regions carry no position embedding and tags keep their positions, so outputs are unchanged.
         """
-        width, regions = self.input_ids.shape[1], self.img_feats.shape[1]
+        width = self.input_ids.shape[1]
         tag_width = int(self.attention_mask[:, :width].sum(dim=1).max())
         n_regions = max(1, int(self.lengths.max()))
         keep = torch.cat([torch.arange(tag_width), width + torch.arange(n_regions)])

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from aladin import data, synthetic
+from aladin import synthetic, synthetic_data
 from aladin.config import load_params
 from stages.common import run
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         params = load_params(args.params)
-        counts = data.write_dataset(args.out, params.data, params.seed)
+        counts = synthetic_data.write_dataset(args.out, params.data, params.seed)
         if args.backbone_out is not None:
             from aladin import backbone  # torch and transformers: imported only when a backbone is asked for
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
-from aladin import data, synthetic
+from aladin import data, synthetic, synthetic_data
 from aladin.config import DataConfig
 from aladin.io import PipelineError
 from stages import data as stage
@@ -19,7 +19,7 @@ TINY = DataConfig(n_train=8, n_val=3, n_test=4, image_size=64)
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ds") / "dataset"
-    data.write_dataset(out, TINY, seed=11)
+    synthetic_data.write_dataset(out, TINY, seed=11)
     return out
 
 
@@ -45,16 +45,16 @@ def test_layout_and_counts(dataset):
 
 def test_rewrite_is_byte_identical_and_image_k_does_not_depend_on_the_size(dataset, tmp_path):
     again = tmp_path / "again"
-    data.write_dataset(again, TINY, seed=11)
+    synthetic_data.write_dataset(again, TINY, seed=11)
     assert _files(again) == _files(dataset)
     smaller = tmp_path / "smaller"
-    data.write_dataset(smaller, DataConfig(n_train=3, n_val=1, n_test=2, image_size=64), seed=11)
+    synthetic_data.write_dataset(smaller, DataConfig(n_train=3, n_val=1, n_test=2, image_size=64), seed=11)
     first = _files(dataset)
     for name, content in _files(smaller).items():
         if name.startswith("images/"):
             assert content == first[name], name  # same (seed, k), same bytes, whatever its split
     other = tmp_path / "other"
-    data.write_dataset(other, DataConfig(n_train=1, n_val=1, n_test=1, image_size=64), seed=12)
+    synthetic_data.write_dataset(other, DataConfig(n_train=1, n_val=1, n_test=1, image_size=64), seed=12)
     assert _files(other)["images/synthetic_000000.png"] != first["images/synthetic_000000.png"]
 
 

@@ -13,7 +13,7 @@ import torchvision.transforms.functional as TF
 import yaml
 from PIL import Image, ImageDraw
 
-from aladin import data
+from aladin import data, synthetic_data
 from aladin import features as F
 from aladin.config import DataConfig, FeaturesConfig, Params
 from aladin.io import PipelineError
@@ -355,7 +355,7 @@ def test_tags_found_when_predictions_are_in_another_order(feature_dir):
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("ds") / "dataset"
-    data.write_dataset(root, DataConfig(n_train=4, n_val=2, n_test=2), seed=0)
+    synthetic_data.write_dataset(root, DataConfig(n_train=4, n_val=2, n_test=2), seed=0)
     return root
 
 
@@ -399,7 +399,7 @@ def test_stage_runs_and_reports_speed(dataset, tmp_path, capsys):
 
 def test_stage_missing_image_is_one_error_line(dataset, tmp_path, capsys):
     broken = tmp_path / "dataset"
-    data.write_dataset(broken, DataConfig(n_train=4, n_val=2, n_test=2), seed=0)
+    synthetic_data.write_dataset(broken, DataConfig(n_train=4, n_val=2, n_test=2), seed=0)
     victim = data.load_karpathy(broken, "val")[0]
     (broken / victim.file_name).unlink()
     out = tmp_path / "features"
@@ -422,7 +422,7 @@ def test_stage_checks_feature_dim_up_front(dataset, tmp_path, capsys):
 
 def test_stage_image_without_boxes(dataset, tmp_path, capsys):
     broken = tmp_path / "dataset"
-    data.write_dataset(broken, DataConfig(n_train=4, n_val=2, n_test=2), seed=0)
+    synthetic_data.write_dataset(broken, DataConfig(n_train=4, n_val=2, n_test=2), seed=0)
     path = broken / data.INSTANCES_FILE
     doc = json.loads(path.read_text())
     victim = doc["annotations"][0]["image_id"]

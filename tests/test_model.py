@@ -7,7 +7,6 @@ from aladin.backbone import load_backbone, load_tokenizer, write_initial_checkpo
 from aladin.config import BackboneConfig, CompatConfig, ModelConfig
 from aladin.losses import hinge_triplet
 from aladin.model import Aladin, Tokens
-from aladin.scoring import alignment_scores, select_alignment_tokens
 from aladin.tokenization import encode_captions, encode_images
 
 WORDS = ["a", "red", "blue", "circle", "square", "left", "of", "star", "large", "small"]
