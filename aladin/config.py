@@ -52,6 +52,22 @@ class BackboneConfig:
 
 
 @dataclass(frozen=True)
+class DetectorParams:
+    """Detection mode (`features.mode: detect`): VinVL's box head and post-processing (VINVL.md 1.2, 4)."""
+
+    checkpoint: str = ""  # vinvl_vg_x152c4.pth; empty: seeded random weights (tests, benchmarks)
+    labelmap: str = ""  # VG-SGG-dicts-vgoi6-clipped.json; empty: classes named class_1, class_2, ...
+    num_classes: int = 1595  # with background
+    num_attributes: int = 525  # with "no attribute"
+    attributes: bool = True
+    nms_filter: int = 1  # 1: per-class NMS 0.3 over all proposals (documented); 2: class-agnostic
+    score_thresh: float = 0.2
+    min_detections: int = 10
+    max_detections: int = 100
+    legacy_plus_one: bool = True  # x2 - x1 + 1 widths, as the released extractor
+
+
+@dataclass(frozen=True)
 class FeaturesConfig:
     """The region-feature extractor: a C4 ResNe(X)t trunk, RoIAlign, res5 head, average pool.
 
@@ -72,6 +88,7 @@ class FeaturesConfig:
     aligned: bool = False
     sort_by_conf: bool = True  # write regions in descending confidence (ALADIN.md 6.5)
     batch_size: int = 32
+    detector: DetectorParams = field(default_factory=DetectorParams)  # read only in detect mode
 
 
 @dataclass(frozen=True)
@@ -155,7 +172,8 @@ class Params:
 # Values a field may take, checked at load time so a typo fails before any work starts.
 CHOICES = {
     "data.source": ("synthetic",),  # coco: the paper profile (a later issue)
-    "features.mode": ("given_boxes",),
+    "features.mode": ("given_boxes", "detect"),
+    "features.detector.nms_filter": (1, 2),
     "model.alignment_mode": ("MrSw", "MrAVGw", "MwSr", "symm", "sum", "mean"),
     "compat.image_first_token": ("unk", "cls"),
     "distill.mode": ("listnet", "triplet"),
@@ -259,6 +277,11 @@ def _check(p: Params, source: str) -> None:
     need(p.eval.fold_size <= p.data.n_test, f"eval.fold_size ({p.eval.fold_size}) is larger than the test split (data.n_test = {p.data.n_test})")
     need(p.distill.temperature > 0, "distill.temperature must be positive")
     need(len(p.features.blocks) == 4, "features.blocks must list 4 stages (res2, res3, res4, res5)")
+    det = p.features.detector
+    need(0 < det.min_detections <= det.max_detections,
+         "need 0 < features.detector.min_detections <= features.detector.max_detections")
+    need(det.num_classes >= 2 and det.num_attributes >= 2,
+         "features.detector.num_classes and num_attributes count background: at least 2")
     need(p.backbone.hidden_size % p.backbone.num_attention_heads == 0,
          "backbone.hidden_size must be divisible by backbone.num_attention_heads")
     need(p.backbone.hidden_size % p.model.matching_heads == 0,

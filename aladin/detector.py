@@ -643,3 +643,37 @@ def detect(model: VinVLDetector, images: Sequence[Image.Image], labelmap: Labelm
                     regions.attr_scores.append([float(s) for s in scores if s > 0])
             out.append(regions)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# From params (features.mode: detect)
+
+
+def config_from_params(features: FeaturesConfig) -> DetectorConfig:
+    """The detector described by the `features` params section: its trunk and `features.detector`."""
+    p = features.detector
+    return DetectorConfig(features=features, num_classes=p.num_classes, attributes=p.attributes,
+                          num_attributes=p.num_attributes, nms_filter=p.nms_filter, score_thresh=p.score_thresh,
+                          min_detections=p.min_detections, max_detections=p.max_detections,
+                          legacy_plus_one=p.legacy_plus_one)
+
+
+def numbered_labelmap(config: DetectorConfig) -> Labelmap:
+    """Names for a detector without a label map file (random weights): class_1 ..., attribute_1 ..."""
+    return Labelmap(("__background__",) + tuple(f"class_{i}" for i in range(1, config.num_classes)),
+                    ("__no_attribute__",) + tuple(f"attribute_{i}" for i in range(1, config.num_attributes))
+                    if config.attributes else ())
+
+
+def detector_from_params(features: FeaturesConfig, seed: int) -> tuple[VinVLDetector, Labelmap]:
+    """Build the detector of `features.detector`: official weights when a checkpoint is named, else seeded
+    random weights; the label map file when named, else numbered names."""
+    config = config_from_params(features)
+    p = features.detector
+    if p.checkpoint:
+        model = VinVLDetector(config).eval()
+        load_vinvl_weights(model, read_checkpoint(p.checkpoint))
+    else:
+        model = build_detector(config, seed)
+    labelmap = load_labelmap(p.labelmap) if p.labelmap else numbered_labelmap(config)
+    return model, labelmap

@@ -22,6 +22,8 @@ def test_unknown_key_is_rejected_with_its_dotted_name():
         params_from_dict({"distill": {"temprature": 4.0}})
     with pytest.raises(ConfigError, match=r"unknown key 'distil'"):
         params_from_dict({"distil": {}})
+    with pytest.raises(ConfigError, match=r"unknown key 'features\.detector\.nms_filtr'"):
+        params_from_dict({"features": {"detector": {"nms_filtr": 2}}})
 
 
 def test_numbers_are_coerced_for_float_fields():
@@ -40,6 +42,8 @@ def test_numbers_are_coerced_for_float_fields():
     ({"eval": {"fold_size": 10_000}}, r"eval\.fold_size \(10000\) is larger than the test split"),
     ({"features": {"blocks": 3}}, r"features\.blocks must be a list"),
     ({"model": "big"}, r"model must be a mapping"),
+    ({"features": {"detector": {"nms_filter": 3}}}, r"features\.detector\.nms_filter must be one of \(1, 2\)"),
+    ({"features": {"detector": {"min_detections": 50, "max_detections": 10}}}, r"min_detections <= "),
 ])
 def test_bad_values_name_the_key(raw, message):
     with pytest.raises(ConfigError, match=message):
