@@ -8,16 +8,14 @@ stem 64, D = 2048). Module names follow maskrcnn-benchmark so official checkpoin
     roi_heads.box.feature_extractor.head.layer4.*  -> roi_head.layer4.*
 
 Regions come from given boxes today (`features.mode: given_boxes`); the detector (RPN + box filter,
-VINVL.md 2.3 and 4) is a second entry of `REGION_SOURCES`. Files written and read here are the released
+VINVL.md 2.3 and 4) is a second entry of `REGION_SOURCES`. Files written here are the released
 VinVL layout (VINVL.md 6.3-6.5): `features.tsv`, `predictions.tsv`, their `.lineidx`, `imageid2idx.json`.
 """
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -31,8 +29,8 @@ from torchvision.ops import roi_align
 
 from aladin import data
 from aladin.config import FeaturesConfig, Params
-from aladin.io import PipelineError, atomic_path, read_json, write_json
-from aladin.tsv import TSVFile, TSVWriter
+from aladin.io import PipelineError, atomic_path, write_json
+from aladin.tsv import TSVWriter
 
 C4_STRIDE = 16  # stem 4 x res3 2 x res4 2 (VINVL.md 2.2); RoIAlign spatial_scale = 1/16
 BOX_DIMS = 6  # x1/W, y1/H, x2/W, y2/H, w/W, h/H appended to each feature (VINVL.md 5)
@@ -289,8 +287,10 @@ def features_for_boxes(model: RegionFeatureExtractor, images: Sequence[Image.Ima
         ratio = torch.tensor([t.shape[2] / image.width, t.shape[1] / image.height] * 2, dtype=torch.float32)
         scaled = torch.as_tensor(np.asarray(bx, dtype=np.float32)).reshape(-1, 4) * ratio  # (N_i, 4)
         rois.append(torch.cat([torch.full((len(scaled), 1), float(b)), scaled], dim=1))  # (N_i, 5)
+    device = next(model.parameters()).device
     with torch.inference_mode():
-        feats = model(pad_batch(tensors), torch.cat(rois))  # (K, D)
+        feats = model(pad_batch(tensors).to(device), torch.cat(rois).to(device))  # (K, D)
+        feats = feats.float().cpu()  # no-ops for fp32 on the CPU; autocast and cuda need them
     counts = [len(r) for r in rois]
     return [f.numpy().copy() for f in torch.split(feats, counts)]
 
@@ -309,11 +309,48 @@ def given_box_regions(model: RegionFeatureExtractor, records: Sequence, images: 
     return out
 
 
-REGION_SOURCES: dict[str, Callable[..., list[ImageRegions]]] = {"given_boxes": given_box_regions}
+def detected_regions(model: RegionFeatureExtractor, records: Sequence, images: Sequence[Image.Image],
+                     instances: dict) -> list[ImageRegions]:
+    """`features.mode: detect`: the VinVL detector's own boxes, classes, confidences and attributes."""
+    from .detector import detect  # imported here: the detector is built on this module
+
+    return detect(model, images, model.labelmap, [r.image_id for r in records])
+
+
+REGION_SOURCES: dict[str, Callable[..., list[ImageRegions]]] = {"given_boxes": given_box_regions,
+                                                                "detect": detected_regions}
+
+
+def build_region_model(cfg: FeaturesConfig, seed: int) -> RegionFeatureExtractor:
+    """The model `cfg.mode` needs: the given-box extractor, or the detector with its label map attached."""
+    if cfg.mode == "detect":
+        from .detector import detector_from_params  # imported here: the detector is built on this module
+
+        model, labelmap = detector_from_params(cfg, seed)
+        model.labelmap = labelmap
+        return model
+    return build_extractor(cfg, seed)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Files (VINVL.md 6.3-6.5)
+
+
+def region_rows(it: ImageRegions) -> tuple[list[str], list[str]]:
+    """The features.tsv and predictions.tsv columns of one image (VINVL.md 6.3, 6.5).
+
+    The one place the row format lives: `write_region_files` and the sharded writer of
+    `aladin.extraction` both use it, so their files agree byte for byte.
+    """
+    key = str(it.image_id)
+    vectors = region_vectors(it)  # (N, D + 6)
+    payload = base64.b64encode(vectors.astype("<f4").tobytes()).decode("ascii")
+    objects = [{"rect": list(map(float, box)), "class": name, "conf": float(conf)}
+               for box, name, conf in zip(it.boxes, it.classes, it.confs)]
+    for obj, names, scores in zip(objects, getattr(it, "attributes", []), getattr(it, "attr_scores", [])):
+        obj["attributes"], obj["attr_scores"] = names, scores  # detection mode (VINVL.md 6.2)
+    return ([key, str(len(vectors)), payload],
+            [key, json.dumps({"image_h": it.height, "image_w": it.width, "objects": objects})])
 
 
 def write_region_files(out_dir: str | Path, items: Iterable[ImageRegions]) -> int:
@@ -325,35 +362,32 @@ def write_region_files(out_dir: str | Path, items: Iterable[ImageRegions]) -> in
             key = str(it.image_id)
             if key in index:
                 raise PipelineError(f"image id {key} appears twice (rows {index[key] + 1} and {feats.rows + 1})")
-            vectors = region_vectors(it)  # (N, D + 6)
-            payload = base64.b64encode(vectors.astype("<f4").tobytes()).decode("ascii")
-            feats.write([key, str(len(vectors)), payload])
-            objects = [{"rect": list(map(float, box)), "class": name, "conf": float(conf)}
-                       for box, name, conf in zip(it.boxes, it.classes, it.confs)]
-            preds.write([key, json.dumps({"image_h": it.height, "image_w": it.width, "objects": objects})])
+            feature_row, prediction_row = region_rows(it)
+            feats.write(feature_row)
+            preds.write(prediction_row)
             index[key] = feats.rows - 1
     write_json(out_dir / "imageid2idx.json", index)
     return len(index)
 
 
-def extract_dataset(dataset_dir: str | Path, out_dir: str | Path, params: Params,
-                    on_batch: Callable[[int, int], None] | None = None) -> int:
-    """Regions of every image of the train, val and test splits into one file set at `out_dir`.
+def dataset_records(dataset_dir: str | Path, cfg: FeaturesConfig) -> tuple[list, dict]:
+    """(records of train, val, test in order, boxes by image id), every image checked up front.
 
-    Reads the data stage's output through `aladin.data`. `on_batch(done, total)` reports progress.
-    Returns the number of images. The output directory appears whole or not at all.
+    Fails before any work, not after an hour of it: unknown mode, an id listed twice, an image without
+    boxes, a box of negative size.
     """
-    cfg = params.features
     if cfg.mode not in REGION_SOURCES:
         raise PipelineError(f"features.mode {cfg.mode!r} is not implemented (have {sorted(REGION_SOURCES)})")
     records = [r for split in SPLITS for r in data.load_karpathy(dataset_dir, split)]
     instances = data.load_instances(dataset_dir)
     where = Path(dataset_dir) / data.INSTANCES_FILE
     seen: set[int] = set()
-    for r in records:  # fail before any work, not after an hour of it
+    for r in records:
         if r.image_id in seen:
             raise PipelineError(f"{Path(dataset_dir) / data.KARPATHY_FILE}: image id {r.image_id} is listed twice")
         seen.add(r.image_id)
+        if cfg.mode == "detect":
+            continue  # the detector finds its own boxes
         if not instances.get(r.image_id):
             raise PipelineError(f"{where}: image id {r.image_id} ({r.file_name}) has no boxes; "
                                 f"features.mode {cfg.mode} needs at least one")
@@ -361,8 +395,23 @@ def extract_dataset(dataset_dir: str | Path, out_dir: str | Path, params: Params
             if not (b.x2 >= b.x1 and b.y2 >= b.y1):
                 raise PipelineError(f"{where}: image id {r.image_id} has a box with negative size "
                                     f"{(b.x1, b.y1, b.x2, b.y2)}")
+    return records, instances
+
+
+def extract_dataset(dataset_dir: str | Path, out_dir: str | Path, params: Params,
+                    on_batch: Callable[[int, int], None] | None = None) -> int:
+    """Regions of every image of the train, val and test splits into one file set at `out_dir`.
+
+    The plain single-process loop: images decoded in this process, consecutive batches of
+    `features.batch_size`, any unreadable image stops it. `aladin.extraction` is the driver for scale
+    (decoding workers, shards across ranks, resume, error records) and writes the same bytes.
+    `on_batch(done, total)` reports progress. Returns the number of images. The output directory
+    appears whole or not at all.
+    """
+    cfg = params.features
+    records, instances = dataset_records(dataset_dir, cfg)
     regions_of = REGION_SOURCES[cfg.mode]
-    model = build_extractor(cfg, params.seed)
+    model = build_region_model(cfg, params.seed)
 
     def items() -> Iterator[ImageRegions]:
         for start in range(0, len(records), cfg.batch_size):
@@ -375,101 +424,3 @@ def extract_dataset(dataset_dir: str | Path, out_dir: str | Path, params: Params
 
     with atomic_path(out_dir, directory=True) as tmp:
         return write_region_files(tmp, items())
-
-
-# ---------------------------------------------------------------------------------------------------
-# Reading
-
-
-class RegionFeatures:
-    """Region vectors and object tags by image id from a VinVL feature folder (ALADIN.md 6.3-6.4).
-
-    `feats, tags = rf[image_id]`: feats (N, dim) float32 in stored order, tags = the `class` of every
-    object in predictions.tsv, stored order. Malformed input raises `PipelineError` naming file and line.
-    """
-
-    def __init__(self, directory: str | Path, expected_dim: int | None = None):
-        self.directory = Path(directory)
-        self.index_path = self.directory / "imageid2idx.json"
-        index = read_json(self.index_path)
-        if not isinstance(index, dict):
-            raise PipelineError(f"{self.index_path}: expected an object {{image id: row}}, got {type(index).__name__}")
-        self.features = TSVFile(self.directory / "features.tsv", expected_columns=3)
-        self.predictions = TSVFile(self.directory / "predictions.tsv", expected_columns=2)
-        for key, row in index.items():
-            if not re.fullmatch(r"-?[0-9]+", key) or isinstance(row, bool) or not isinstance(row, int) \
-                    or not 0 <= row < len(self.features):
-                raise PipelineError(f"{self.index_path}: entry {key!r}: {row!r} is not an integer image id "
-                                    f"with a row of features.tsv (0..{len(self.features) - 1})")
-        self.index: dict[str, int] = index
-        self._prediction_rows: dict[str, int] | None = None
-        self.dim = self._row_dim(0) if len(self.features) else (expected_dim or 0)
-        if expected_dim is not None and self.dim != expected_dim:
-            raise PipelineError(f"{self.features.path}: the features have D+6 = {self.dim} values per region but "
-                                f"params model.img_feature_dim is {expected_dim}")
-
-    @property
-    def image_ids(self) -> list[int]:
-        """Image ids in row order."""
-        return [int(k) for k, _ in sorted(self.index.items(), key=lambda kv: kv[1])]
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __contains__(self, image_id) -> bool:
-        return str(image_id) in self.index
-
-    def _decode(self, row: int) -> tuple[str, int, bytes]:
-        image_id, count, payload = self.features[row]
-        where = f"{self.features.path}:{row + 1}"
-        if not count.isdigit() or int(count) == 0:
-            raise PipelineError(f"{where}: num_boxes {count!r} is not a positive integer")
-        try:
-            raw = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError) as e:
-            raise PipelineError(f"{where}: feature column is not valid base64 ({e})") from None
-        return image_id, int(count), raw
-
-    def _row_dim(self, row: int) -> int:
-        _, count, raw = self._decode(row)
-        if len(raw) % (4 * count):
-            raise PipelineError(f"{self.features.path}:{row + 1}: {len(raw)} bytes do not hold {count} rows of "
-                                f"float32 values")
-        return len(raw) // (4 * count)
-
-    def __getitem__(self, image_id) -> tuple[np.ndarray, list[str]]:
-        key = str(image_id)
-        if key not in self.index:
-            raise PipelineError(f"{self.index_path}: image id {key} not found")
-        row = self.index[key]
-        stored_id, count, raw = self._decode(row)
-        where = f"{self.features.path}:{row + 1}"
-        if stored_id != key:
-            raise PipelineError(f"{where}: row holds image id {stored_id}, but {self.index_path.name} maps {key} here")
-        if len(raw) != count * self.dim * 4:
-            raise PipelineError(f"{where}: {len(raw)} bytes of features, expected num_boxes x dim x 4 = "
-                                f"{count} x {self.dim} x 4 = {count * self.dim * 4} (truncated or malformed row)")
-        feats = np.frombuffer(raw, dtype="<f4").astype(np.float32).reshape(count, self.dim)  # (N, D + 6)
-        return feats, self._tags(key, row)
-
-    def _tags(self, key: str, row: int) -> list[str]:
-        # Our writer keeps predictions.tsv in features.tsv's row order; other dumps may not, so fall back
-        # to a one-time scan by image id (as Oscar's retrieval reader does).
-        cols = self.predictions[row] if row < len(self.predictions) else None
-        if cols is None or cols[0] != key:
-            if self._prediction_rows is None:
-                self._prediction_rows = {self.predictions[i][0]: i for i in range(len(self.predictions))}
-            if key not in self._prediction_rows:
-                raise PipelineError(f"{self.predictions.path}: no row for image id {key}")
-            row = self._prediction_rows[key]
-            cols = self.predictions[row]
-        where = f"{self.predictions.path}:{row + 1}"
-        try:
-            result = json.loads(cols[1])
-        except json.JSONDecodeError as e:
-            raise PipelineError(f"{where}: column 2 is not valid JSON ({e.msg})") from None
-        objects = result.get("objects") if isinstance(result, dict) else result  # released: dict or bare list
-        if not isinstance(objects, list) or not all(isinstance(o, dict) and isinstance(o.get("class"), str)
-                                                    for o in objects):
-            raise PipelineError(f"{where}: expected a list of objects with a 'class' string")
-        return [o["class"] for o in objects]

@@ -11,7 +11,7 @@ import torch
 
 from .config import CompatConfig, ModelConfig
 from .data import ImageRecord, load_karpathy
-from .features import RegionFeatures
+from .regions import RegionFeatures
 from .io import PipelineError
 from .tokenization import ImageInputs, TextInputs, encode_captions, encode_images
 

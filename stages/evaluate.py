@@ -18,7 +18,7 @@ import argparse
 
 from aladin.config import load_params
 from aladin.evaluate import latency_metrics, qualitative, recall_metrics
-from aladin.features import RegionFeatures
+from aladin.regions import RegionFeatures
 from aladin.backbone import load_tokenizer
 from aladin.io import write_json
 from aladin.retrieval import encode_split

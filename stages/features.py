@@ -4,9 +4,14 @@ Reads   --data DIR (the data stage's folder: dataset_coco.json, annotations/inst
         --params FILE sections seed, features, and model.img_feature_dim (must equal D + 6)
 Writes  --out DIR: features.tsv + features.lineidx (image_id, num_boxes, base64 float32[num_boxes x (D+6)]),
         predictions.tsv + predictions.lineidx (image_id, {"image_h", "image_w", "objects": [{"rect",
-        "class", "conf"}]}), imageid2idx.json ({"<image_id>": row}); the folder is replaced as a whole
+        "class", "conf"}]}), imageid2idx.json ({"<image_id>": row}), and failures.json ([{"image_id",
+        "file", "message"}]) only when --on-error record skipped an unreadable image; the folder is
+        replaced as a whole. Work in progress lives in DIR.shards/rank-00R/ (deleted after the merge);
+        a killed run resumes from it.
 Run     dvc repro features
         python -m stages.features --params params.yaml --data data/dataset --out data/features
+        torchrun --nproc-per-node 8 -m stages.features --data D --out O --device cuda   (one shard per rank)
+        python -m stages.features --data D --out O --merge                             (then merge them)
 
 Regions are the annotation boxes (features.mode given_boxes, confidence 1.0), pooled from a C4 ResNet
 with seeded random weights (params seed) on the embedded profile. Prints images per second at the end.
@@ -14,13 +19,19 @@ with seeded random weights (params seed) on the embedded profile. Prints images 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 
+from tqdm import tqdm
+
+from aladin import extraction
 from aladin.config import load_params
-from aladin.features import extract_dataset, feature_dim, region_dim
+from aladin.features import feature_dim, region_dim
 from aladin.io import PipelineError
 from stages.common import run
+
+SHOWN_FAILURES = 5
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -28,7 +39,49 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     p.add_argument("--data", required=True, help="dataset folder written by the data stage")
     p.add_argument("--out", required=True, help="output folder for the feature files")
+    p.add_argument("--num-workers", type=int, default=0, help="image-decoding worker processes (default: 0)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
+    p.add_argument("--precision", choices=sorted(extraction.PRECISIONS), default="fp32",
+                   help="fp32 (parity: TF32 off) or autocast to bf16/fp16 (default: fp32)")
+    p.add_argument("--rank", type=int, default=None, help="this process's rank (default: $RANK, else 0)")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="number of ranks (default: $WORLD_SIZE, else 1); with more than one, each rank "
+                        "writes only its shard and --merge assembles --out")
+    p.add_argument("--merge", action="store_true", help="merge the finished shards of --out into --out")
+    p.add_argument("--on-error", choices=extraction.ON_ERROR, default="fail",
+                   help="an unreadable image: fail (one error line, exit 1, no output) or record it in "
+                        "failures.json and go on (default: fail)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (none anyway when not a TTY)")
     return p.parse_args(argv)
+
+
+class Progress:
+    """`on_batch` callback drawing a tqdm bar on stderr; created at the first call, which carries the total."""
+
+    def __init__(self, enabled: bool, desc: str):
+        self.enabled, self.desc, self.bar = enabled, desc, None
+
+    def __call__(self, handled: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:  # resumed images count from the start, not into the rate
+            self.bar = tqdm(total=total, initial=handled, unit="img", desc=self.desc, file=sys.stderr,
+                            dynamic_ncols=True)
+        else:
+            self.bar.update(handled - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def report_failures(outcome: extraction.Outcome) -> None:
+    if not outcome.failures:
+        return
+    shown = "; ".join(f"{f['image_id']} ({f['file']}): {f['message']}" for f in outcome.failures[:SHOWN_FAILURES])
+    more = f"; and {len(outcome.failures) - SHOWN_FAILURES} more" if len(outcome.failures) > SHOWN_FAILURES else ""
+    print(f"warning: {len(outcome.failures)} images could not be read and have no features: {shown}{more}",
+          file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,10 +94,41 @@ def main(argv: list[str] | None = None) -> int:
             raise PipelineError(f"{args.params}: the extractor writes D+6 = {feature_dim(cfg)}+6 = "
                                 f"{region_dim(cfg)} values per region (32 x features.stem_channels + 6) but "
                                 f"model.img_feature_dim is {params.model.img_feature_dim}")
+        plan = extraction.plan_dataset(args.data, params)
+        if args.merge:
+            root = extraction.shard_root(args.out)
+            shards = sorted(root.glob("rank-*"))
+            outcome = extraction.merge_shards(shards, args.out, plan.image_order)
+            shutil.rmtree(root)
+            report_failures(outcome)
+            print(f"features: merged {len(shards)} shards, {outcome.written} images -> {args.out}")
+            return 0
+        rank, world_size = extraction.resolve_rank(args.rank, args.world_size)
+        progress = Progress(not args.no_progress and sys.stderr.isatty(),
+                            "features" if world_size == 1 else f"features rank {rank}")
+        options = dict(num_workers=args.num_workers, device=args.device, precision=args.precision,
+                       on_error=args.on_error, on_batch=progress, plan=plan)
         start = time.perf_counter()
-        n = extract_dataset(args.data, args.out, params)
+        try:
+            if world_size == 1:
+                outcome = extraction.extract_dataset(args.data, args.out, params, **options)
+                new, where = outcome.written - outcome.resumed, args.out
+            else:
+                where = extraction.shard_dir(args.out, rank)
+                outcome = extraction.extract_shard(args.data, where, params, rank=rank, world_size=world_size,
+                                                   **options)
+                new = outcome.written
+        finally:
+            progress.close()
         seconds = time.perf_counter() - start
-        print(f"features: {n} images in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} images/s) -> {args.out}")
+        if outcome.discarded_stale:
+            print("features: discarded a shard left by a run with other settings", file=sys.stderr)
+        report_failures(outcome)
+        resumed = f", {outcome.resumed} resumed from an earlier run" if outcome.resumed else ""
+        print(f"features: {new} images in {seconds:.1f} s ({new / max(seconds, 1e-9):.1f} images/s){resumed}"
+              f" -> {where}")
+        if world_size > 1:
+            print(f"features: rank {rank} of {world_size} done; after every rank, run with --merge")
         return 0
 
     return run(body)

@@ -12,7 +12,7 @@ from dvclive import Live
 
 from aladin.backbone import load_tokenizer
 from aladin.config import Params, as_dict, load_params
-from aladin.features import RegionFeatures
+from aladin.regions import RegionFeatures
 from aladin.splits import load_split
 from aladin.train import fit, save_model, seed_everything
 from stages.common import run

@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 
 from aladin import data, synthetic_data
 from aladin import features as F
+from aladin.regions import RegionFeatures
 from aladin.config import DataConfig, FeaturesConfig, Params
 from aladin.io import PipelineError
 from aladin.tsv import TSVFile, write_tsv
@@ -257,7 +258,7 @@ def test_sort_by_conf_is_stable():
 def test_region_files_round_trip(tmp_path):
     items = [regions(42, 3, seed=1), regions(7, 1, seed=2), regions(1000, 5, seed=3)]
     assert F.write_region_files(tmp_path, items) == 3
-    rf = F.RegionFeatures(tmp_path, expected_dim=10)
+    rf = RegionFeatures(tmp_path, expected_dim=10)
     assert rf.dim == 10 and len(rf) == 3
     assert rf.image_ids == [42, 7, 1000]
     assert 7 in rf and "7" in rf and 8 not in rf
@@ -300,7 +301,7 @@ def test_truncated_row_is_a_clear_error(feature_dir):
     payload = TSVFile(feature_dir / "features.tsv")[1][2]
     short = base64.b64encode(base64.b64decode(payload)[:-8]).decode()  # two floats missing
     rewrite_features(feature_dir, 1, 2, short)
-    rf = F.RegionFeatures(feature_dir)
+    rf = RegionFeatures(feature_dir)
     rf[1]  # other rows still read
     with pytest.raises(PipelineError, match=r"features\.tsv:2: 112 bytes of features, expected num_boxes x dim x 4 "
                                             r"= 3 x 10 x 4 = 120"):
@@ -311,16 +312,16 @@ def test_file_cut_mid_row_is_a_clear_error(feature_dir):
     path = feature_dir / "features.tsv"
     path.write_bytes(path.read_bytes()[:-20])
     with pytest.raises(PipelineError, match=r"features\.tsv:3: .*truncated"):
-        F.RegionFeatures(feature_dir)[3]
+        RegionFeatures(feature_dir)[3]
 
 
 def test_bad_base64_and_bad_count(feature_dir):
     rewrite_features(feature_dir, 2, 2, "not*base64")
     with pytest.raises(PipelineError, match=r"features\.tsv:3: feature column is not valid base64"):
-        F.RegionFeatures(feature_dir)[3]
+        RegionFeatures(feature_dir)[3]
     rewrite_features(feature_dir, 2, 1, "x")
     with pytest.raises(PipelineError, match=r"features\.tsv:3: num_boxes 'x' is not a positive integer"):
-        F.RegionFeatures(feature_dir)[3]
+        RegionFeatures(feature_dir)[3]
 
 
 def test_wrong_column_count(feature_dir):
@@ -328,24 +329,24 @@ def test_wrong_column_count(feature_dir):
     rows[0] = rows[0][:2]
     write_tsv(feature_dir / "features.tsv", rows)
     with pytest.raises(PipelineError, match=r"features\.tsv:1: expected 3 tab-separated columns, found 2"):
-        F.RegionFeatures(feature_dir)
+        RegionFeatures(feature_dir)
 
 
 def test_missing_image_id(feature_dir):
     with pytest.raises(PipelineError, match=r"imageid2idx\.json: image id 99 not found"):
-        F.RegionFeatures(feature_dir)[99]
+        RegionFeatures(feature_dir)[99]
 
 
 def test_dimension_mismatch_names_both_numbers(feature_dir):
     with pytest.raises(PipelineError, match=r"features have D\+6 = 10 values per region but params "
                                             r"model\.img_feature_dim is 2054"):
-        F.RegionFeatures(feature_dir, expected_dim=2054)
+        RegionFeatures(feature_dir, expected_dim=2054)
 
 
 def test_tags_found_when_predictions_are_in_another_order(feature_dir):
     rows = list(TSVFile(feature_dir / "predictions.tsv"))
     write_tsv(feature_dir / "predictions.tsv", rows[::-1])
-    assert F.RegionFeatures(feature_dir)[1][1] == ["c1_0", "c1_1"]
+    assert RegionFeatures(feature_dir)[1][1] == ["c1_0", "c1_1"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -373,7 +374,7 @@ def test_extract_dataset_is_deterministic_and_consistent(dataset, tmp_path):
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
-    rf = F.RegionFeatures(tmp_path / "a", expected_dim=262)
+    rf = RegionFeatures(tmp_path / "a", expected_dim=262)
     records = [r for s in ("train", "val", "test") for r in data.load_karpathy(dataset, s)]
     assert rf.image_ids == [r.image_id for r in records]
     instances = data.load_instances(dataset)
@@ -394,7 +395,7 @@ def test_stage_runs_and_reports_speed(dataset, tmp_path, capsys):
     out = tmp_path / "features"
     assert stage.main(["--params", write_params(tmp_path / "p.yaml"), "--data", str(dataset), "--out", str(out)]) == 0
     assert "images/s" in capsys.readouterr().out
-    assert len(F.RegionFeatures(out, expected_dim=262)) == 8
+    assert len(RegionFeatures(out, expected_dim=262)) == 8
 
 
 def test_stage_missing_image_is_one_error_line(dataset, tmp_path, capsys):
