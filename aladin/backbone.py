@@ -175,6 +175,34 @@ def read_state_dict(checkpoint_dir) -> dict[str, torch.Tensor]:
     return state
 
 
+def _listed(keys: list[str], limit: int = 8) -> str:
+    return ", ".join(keys[:limit]) + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def load_state_exactly(model: nn.Module, mapped: dict, unexpected: list[str], context: str,
+                       name=lambda key: key) -> None:
+    """Load `mapped` (our key -> tensor) into `model` only if every tensor is accounted for.
+
+    `unexpected`: checkpoint keys the caller's key map could not place. Missing, unexpected and mis-shaped
+    keys are all listed in one PipelineError, `context` first; `name` turns our key into the checkpoint's.
+    """
+    expected = model.state_dict()
+    missing = [name(k) for k in expected if k not in mapped]
+    unexpected = list(unexpected) + [name(k) for k in mapped if k not in expected]
+    wrong = [f"{name(k)} {tuple(v.shape)} != {tuple(expected[k].shape)}"
+             for k, v in mapped.items() if k in expected and v.shape != expected[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_listed(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_listed(sorted(unexpected))}")
+    if wrong:
+        problems.append(f"wrong shapes: {_listed(wrong)}")
+    if problems:
+        raise PipelineError(f"{context}; " + "; ".join(problems))
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in mapped.items()}, strict=True)
+
+
 def load_backbone(checkpoint_dir) -> OscarBackbone:
     """Build the backbone from `config.json` and load every tensor strictly through the Oscar key map."""
     config = load_config(checkpoint_dir)
@@ -190,17 +218,6 @@ def load_backbone(checkpoint_dir) -> OscarBackbone:
             mapped[ours] = tensor
         else:
             unexpected.append(key)
-    missing = [f"bert.{k}" for k in expected if k not in mapped]
-    wrong = [f"bert.{k} {tuple(v.shape)} != {tuple(expected[k].shape)}"
-             for k, v in mapped.items() if v.shape != expected[k].shape]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-    if unexpected:
-        problems.append(f"unexpected keys: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
-    if wrong:
-        problems.append(f"wrong shapes: {', '.join(wrong[:8])}")
-    if problems:
-        raise PipelineError(f"{checkpoint_dir}: checkpoint does not match config.json; " + "; ".join(problems))
-    model.load_state_dict(mapped, strict=True)
+    load_state_exactly(model, mapped, unexpected, f"{checkpoint_dir}: checkpoint does not match config.json",
+                       name=lambda k: f"bert.{k}")
     return model

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers import BertConfig
 
-from .backbone import OscarBackbone, UNUSED_PREFIXES, load_config
+from .backbone import OscarBackbone, UNUSED_PREFIXES, load_config, load_state_exactly
 from .config import CompatConfig, ModelConfig
 from .io import PipelineError
 from .model import Aladin
@@ -246,10 +246,6 @@ def _original_name(ours: str) -> str:
     return HEAD_PREFIX + ours.removeprefix("matching_head.encoder.layers.")
 
 
-def _listed(keys: list[str], limit: int = 8) -> str:
-    return ", ".join(keys[:limit]) + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
-
-
 def import_aladin_checkpoint(path, model_cfg: ModelConfig, compat: CompatConfig,
                              backbone_dir=None) -> tuple[Aladin, dict]:
     """Build our `Aladin` from a released `model_best_rsum.pth.tar`, every tensor accounted for.
@@ -269,24 +265,9 @@ def _build_model(ckpt: dict, path: Path, model_cfg: ModelConfig, compat: CompatC
     config = _bert_config(ckpt["config"], backbone_dir, path)
     _check_aladin_yaml(ckpt["config"], model_cfg, config.hidden_size, path)
     model = Aladin(OscarBackbone(config), model_cfg, compat)
-    expected = model.state_dict()
-
     mapped, unexpected = map_checkpoint_keys(ckpt["model"])
-    missing = [_original_name(k) for k in expected if k not in mapped]
-    unexpected += [_original_name(k) for k in mapped if k not in expected]
-    wrong = [f"{_original_name(k)} {tuple(v.shape)} != {tuple(expected[k].shape)}"
-             for k, v in mapped.items() if k in expected and v.shape != expected[k].shape]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_listed(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_listed(sorted(unexpected))}")
-    if wrong:
-        problems.append(f"wrong shapes: {_listed(wrong)}")
-    if problems:
-        raise PipelineError(f"{path}: checkpoint does not match the backbone config and params; "
-                            + "; ".join(problems))
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in mapped.items()}, strict=True)
+    load_state_exactly(model, mapped, unexpected, f"{path}: checkpoint does not match the backbone config and params",
+                       name=_original_name)
     return model
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .backbone import OscarBackbone, load_config
+from .backbone import OscarBackbone, load_config, load_state_exactly
 from .config import CompatConfig, DistillConfig, ModelConfig, TrainAlignmentConfig
 from .evaluation import i2t, rsum, t2i
 from .io import PipelineError, atomic_path
@@ -168,15 +168,5 @@ def load_model(model_dir, model_cfg: ModelConfig, compat: CompatConfig) -> Aladi
     path = model_dir / WEIGHTS
     if not path.is_file():
         raise PipelineError(f"{path}: file not found")
-    state = load_file(path)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    if missing or extra:
-        raise PipelineError(f"{path}: does not match params (model, compat): missing {missing[:5]}, "
-                            f"unexpected {extra[:5]}")
-    for k, v in state.items():
-        if v.shape != expected[k].shape:
-            raise PipelineError(f"{path}: {k} has shape {tuple(v.shape)}, params expect {tuple(expected[k].shape)}")
-    model.load_state_dict(state, strict=True)
+    load_state_exactly(model, load_file(path), [], f"{path}: does not match params (model, compat)")
     return model
