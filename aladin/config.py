@@ -25,7 +25,8 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "synthetic"  # paper profile: coco (a later issue)
+    source: str = "synthetic"  # synthetic: generated here | coco: MS-COCO 2014 + Karpathy split (downloads)
+    coco_images: bool = True  # coco: fetch the 19 GB of images (not needed with features.source: vinvl_dump)
     n_train: int = 3000
     n_val: int = 250
     n_test: int = 500
@@ -49,14 +50,21 @@ class BackboneConfig:
     attention_probs_dropout_prob: float = 0.1
     use_img_layernorm: bool = True  # inferred 1 for the VinVL coco_ir checkpoint (ALADIN.md 1.3)
     img_layer_norm_eps: float = 1e-12
+    # random: the seeded tiny BERT above (shape fields used) | vinvl: the VinVL coco_ir retrieval checkpoint
+    # (paper) | bert-base-uncased: documented fallback when no VinVL checkpoint can be had (image input
+    # layers initialised from the seed). The shape fields above are ignored unless init is random.
+    init: str = "random"
+    path: str = ""  # a local folder to use instead of downloading (vinvl or bert-base-uncased layout)
 
 
 @dataclass(frozen=True)
 class DetectorParams:
     """Detection mode (`features.mode: detect`): VinVL's box head and post-processing (VINVL.md 1.2, 4)."""
 
-    checkpoint: str = ""  # vinvl_vg_x152c4.pth; empty: seeded random weights (tests, benchmarks)
-    labelmap: str = ""  # VG-SGG-dicts-vgoi6-clipped.json; empty: classes named class_1, class_2, ...
+    # vinvl_vg_x152c4.pth: a path, "download" (downloads.vinvl_detector), or empty for seeded random weights
+    checkpoint: str = ""
+    # VG-SGG-dicts-vgoi6-clipped.json: a path, "download" (downloads.vinvl_labelmap), or empty for class_1, ...
+    labelmap: str = ""
     num_classes: int = 1595  # with background
     num_attributes: int = 525  # with "no attribute"
     attributes: bool = True
@@ -75,7 +83,9 @@ class FeaturesConfig:
     the embedded default is a tiny configuration of the same code with seeded random weights.
     """
 
-    mode: str = "given_boxes"  # given_boxes: boxes from the instance annotations; detect: next issue
+    source: str = "extract"  # extract: run the extractor below | vinvl_dump: an existing VinVL feature folder
+    dump_dir: str = ""  # vinvl_dump: folder with features.tsv/.lineidx, predictions.tsv/.lineidx, imageid2idx.json
+    mode: str = "given_boxes"  # given_boxes: boxes from the instance annotations | detect: the VinVL detector
     blocks: tuple[int, ...] = (1, 1, 1, 1)  # bottlenecks in res2, res3, res4 (= C4), res5 (head)
     groups: int = 1
     width_per_group: int = 64  # inner width = planes * width_per_group / 64 * groups
@@ -116,29 +126,85 @@ class CompatConfig:
 
 
 @dataclass(frozen=True)
-class TrainAlignmentConfig:
-    epochs: int = 4
-    batch_size: int = 32
-    lr: float = 5.0e-4  # paper: 1e-5 from the retrieval-tuned VinVL; here a random tiny BERT
-    lr_step: int = 3  # StepLR step in epochs (paper: 15)
-    lr_gamma: float = 0.1
-    grad_clip: float = 2.0
-    margin: float = 0.2
-    max_violation: bool = True
+class RemoteFileConfig:
+    """One downloadable file: mirrors tried in order, and what the bytes must be (aladin/download.py)."""
+
+    urls: tuple[str, ...] = ()
+    sha256: str = ""  # lower-case hex; empty: not pinned yet, refused unless downloads.allow_unverified
+    size: int = 0  # bytes; 0: not known
+
+
+def _remote(*urls: str) -> "RemoteFileConfig":
+    return RemoteFileConfig(urls=tuple(urls))
+
+
+_COCO = "http://images.cocodataset.org"
+# VINVL.md 3.1: the SGB README / pzzhang/VinVL DOWNLOAD.md blob first, then the MMF re-host of the same file.
+_VINVL_BLOB = "https://penzhanwu2.blob.core.windows.net/sgg/sgg_benchmark/vinvl_model_zoo"
+_VINVL_MMF = "https://dl.fbaipublicfiles.com/mmf/data/models/vinvl/detection"
+# ALADIN.md 1.2: coco_ir/base/checkpoint-0132780 (VinVL_MODEL_ZOO.md, the mesnico/ALADIN README's azcopy line);
+# reported missing upstream (ALADIN.md 6.7), hence backbone.path and the bert-base-uncased fallback.
+_COCO_IR = "https://biglmdiag.blob.core.windows.net/vinvl/model_ckpts/coco_ir/base/checkpoint-0132780"
+_BERT = ("https://huggingface.co/google-bert/bert-base-uncased/resolve/main",
+         "https://hf-mirror.com/google-bert/bert-base-uncased/resolve/main")
 
 
 @dataclass(frozen=True)
-class DistillConfig:
-    mode: str = "listnet"  # listnet (paper) | triplet (hinge on the matching scores)
-    temperature: float = 6.0  # multiplies student scores only (mesnico/ALADIN alad/loss.py)
-    epochs: int = 3
+class DownloadsConfig:
+    """Every remote input of the paper profile. The embedded default downloads nothing."""
+
+    dir: str = "downloads"  # fetched files, kept between runs so a dropped download resumes; not a DVC output
+    allow_unverified: bool = False  # accept files whose sha256 is not pinned (a warning names each one)
+    retries: int = 3  # per mirror, for dropped connections and 5xx answers
+    timeout: float = 60.0  # seconds without bytes before a connection counts as dropped
+    karpathy_split: RemoteFileConfig = _remote(
+        "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip")
+    coco_annotations: RemoteFileConfig = _remote(f"{_COCO}/annotations/annotations_trainval2014.zip")
+    coco_train2014: RemoteFileConfig = _remote(f"{_COCO}/zips/train2014.zip")
+    coco_val2014: RemoteFileConfig = _remote(f"{_COCO}/zips/val2014.zip")
+    vinvl_detector: RemoteFileConfig = _remote(f"{_VINVL_BLOB}/vinvl_vg_x152c4.pth", f"{_VINVL_MMF}/vinvl_vg_x152c4.pth")
+    vinvl_labelmap: RemoteFileConfig = _remote(f"{_VINVL_BLOB}/VG-SGG-dicts-vgoi6-clipped.json")
+    vinvl_backbone_config: RemoteFileConfig = _remote(f"{_COCO_IR}/config.json")
+    vinvl_backbone_vocab: RemoteFileConfig = _remote(f"{_COCO_IR}/vocab.txt")
+    vinvl_backbone_weights: RemoteFileConfig = _remote(f"{_COCO_IR}/pytorch_model.bin")
+    bert_config: RemoteFileConfig = _remote(*(f"{u}/config.json" for u in _BERT))
+    bert_vocab: RemoteFileConfig = _remote(*(f"{u}/vocab.txt" for u in _BERT))
+    bert_weights: RemoteFileConfig = _remote(*(f"{u}/model.safetensors" for u in _BERT))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training stage, in the terms of the original configs (ALADIN.md 4.1, 5).
+
+    `losses` is the original's `loss-type` (any of alignment, distillation, matching) and `loss_weights`
+    its `loss-weights`; `freeze_backbone` is `freeze-teran`. epochs 0 passes the incoming model through
+    unchanged (the single-stage recipes use it for stage 2).
+    """
+
+    losses: tuple[str, ...] = ("alignment",)
+    loss_weights: tuple[float, ...] = (1.0,)
+    freeze_backbone: bool = False
+    epochs: int = 4
     batch_size: int = 32
-    lr: float = 1.0e-3
-    lr_step: int = 2  # paper: 10 for the head-only recipes
+    lr: float = 5.0e-4
+    lr_step: int = 3  # StepLR step in epochs (paper: 15, 10 for the head-only recipes)
     lr_gamma: float = 0.1
     grad_clip: float = 2.0
-    margin: float = 0.2  # only for mode: triplet
+    margin: float = 0.2  # hinge margin of the alignment and matching losses
     max_violation: bool = True
+    distillation_mode: str = "listnet"  # the only mode of the released configs
+    temperature: float = 6.0  # ListNet: multiplies student scores only (mesnico/ALADIN alad/loss.py)
+    # Q2: the original never reads its activate_distillation_after key (always 0); honoured here.
+    activate_distillation_after: int = 0
+    precision: str = "fp32"  # fp32 (the original) | bf16 (autocast)
+
+
+def _stage1() -> "TrainConfig":
+    return TrainConfig()
+
+
+def _stage2() -> "TrainConfig":
+    return TrainConfig(losses=("distillation",), freeze_backbone=True, epochs=3, lr=1.0e-3, lr_step=2)
 
 
 @dataclass(frozen=True)
@@ -163,20 +229,28 @@ class Params:
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     compat: CompatConfig = field(default_factory=CompatConfig)
-    train_alignment: TrainAlignmentConfig = field(default_factory=TrainAlignmentConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
+    downloads: DownloadsConfig = field(default_factory=DownloadsConfig)
+    train_alignment: TrainConfig = field(default_factory=_stage1)
+    distill: TrainConfig = field(default_factory=_stage2)
     eval: EvalConfig = field(default_factory=EvalConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
 
+LOSSES = ("alignment", "distillation", "matching")  # the original's loss-type names (ALADIN.md 3.5)
+
 # Values a field may take, checked at load time so a typo fails before any work starts.
 CHOICES = {
-    "data.source": ("synthetic",),  # coco: the paper profile (a later issue)
+    "data.source": ("synthetic", "coco"),
+    "backbone.init": ("random", "vinvl", "bert-base-uncased"),
+    "features.source": ("extract", "vinvl_dump"),
     "features.mode": ("given_boxes", "detect"),
     "features.detector.nms_filter": (1, 2),
     "model.alignment_mode": ("MrSw", "MrAVGw", "MwSr", "symm", "sum", "mean"),
     "compat.image_first_token": ("unk", "cls"),
-    "distill.mode": ("listnet", "triplet"),
+    "train_alignment.distillation_mode": ("listnet",),
+    "distill.distillation_mode": ("listnet",),
+    "train_alignment.precision": ("fp32", "bf16"),
+    "distill.precision": ("fp32", "bf16"),
 }
 
 
@@ -215,7 +289,10 @@ def _coerce(name: str, value, typ, source: str):
     raise TypeError(f"unsupported field type {typ!r} for {name}")  # a bug in this module
 
 
-def _build(cls, raw, prefix: str, source: str):
+def _build(cls, raw, prefix: str, source: str, default=None):
+    """`default` with the keys of `raw` replaced: a section's defaults are its field's default instance
+    (stage 1 and stage 2 share `TrainConfig` with different defaults)."""
+    default = cls() if default is None else default
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -233,13 +310,13 @@ def _build(cls, raw, prefix: str, source: str):
         name = f"{prefix}.{f.name}" if prefix else f.name
         typ = hints[f.name]
         if dataclasses.is_dataclass(typ):
-            kwargs[f.name] = _build(typ, raw[f.name], name, source)
+            kwargs[f.name] = _build(typ, raw[f.name], name, source, getattr(default, f.name))
         else:
             value = _coerce(name, raw[f.name], typ, source)
             if name in CHOICES and value not in CHOICES[name]:
                 raise ConfigError(f"{source}: {name} must be one of {CHOICES[name]}, got {value!r}")
             kwargs[f.name] = value
-    return cls(**kwargs)
+    return dataclasses.replace(default, **kwargs)
 
 
 def params_from_dict(raw: dict, source: str = "params") -> Params:
@@ -275,7 +352,6 @@ def _check(p: Params, source: str) -> None:
     need(1 <= p.data.min_objects <= p.data.max_objects, "need 1 <= data.min_objects <= data.max_objects")
     need(p.eval.fold_size > 0, "eval.fold_size must be positive")
     need(p.eval.fold_size <= p.data.n_test, f"eval.fold_size ({p.eval.fold_size}) is larger than the test split (data.n_test = {p.data.n_test})")
-    need(p.distill.temperature > 0, "distill.temperature must be positive")
     need(len(p.features.blocks) == 4, "features.blocks must list 4 stages (res2, res3, res4, res5)")
     det = p.features.detector
     need(0 < det.min_detections <= det.max_detections,
@@ -290,17 +366,29 @@ def _check(p: Params, source: str) -> None:
          "model.max_img_seq_length must be >= 2 when compat.first_region_as_cls (region 0 is not aligned)")
     for section in ("train_alignment", "distill"):
         cfg = getattr(p, section)
-        need(cfg.epochs > 0 and cfg.batch_size > 1, f"{section}.epochs must be > 0 and batch_size > 1")
+        need(cfg.epochs >= 0 and cfg.batch_size > 1, f"{section}.epochs must be >= 0 and batch_size > 1")
         need(cfg.lr > 0, f"{section}.lr must be positive")
+        need(cfg.temperature > 0, f"{section}.temperature must be positive")
+        need(len(cfg.losses) > 0, f"{section}.losses must name at least one loss")
+        for loss in cfg.losses:
+            need(loss in LOSSES, f"{section}.losses: unknown loss {loss!r} (known: {', '.join(LOSSES)})")
+        need(len(set(cfg.losses)) == len(cfg.losses), f"{section}.losses names a loss twice")
+        need(len(cfg.loss_weights) == len(cfg.losses),
+             f"{section}.loss_weights must have one weight per loss ({len(cfg.losses)}), got {len(cfg.loss_weights)}")
+        need(not (cfg.freeze_backbone and "alignment" in cfg.losses),
+             f"{section}: the alignment loss trains only the backbone, which freeze_backbone freezes")
+    need(p.features.source != "vinvl_dump" or p.features.dump_dir,
+         "features.source is vinvl_dump but features.dump_dir is empty")
 
 
 def as_dict(obj) -> dict:
     """A plain dict of a config dataclass (tuples become lists), for JSON metadata."""
 
     def plain(v):
-        if isinstance(v, tuple):
+        if isinstance(v, (tuple, list)):
             return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
         return v
 
-    return {k: plain(v) if not isinstance(v, dict) else {kk: plain(vv) for kk, vv in v.items()}
-            for k, v in dataclasses.asdict(obj).items()}
+    return plain(dataclasses.asdict(obj))

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .backbone import OscarBackbone, load_config, load_state_exactly
-from .config import CompatConfig, DistillConfig, ModelConfig, TrainAlignmentConfig
+from .config import CompatConfig, ModelConfig, TrainConfig
 from .evaluation import i2t, rsum, t2i
 from .io import PipelineError, atomic_path
 from .losses import hinge_triplet, listnet_distillation
@@ -73,7 +73,7 @@ class Stage:
     frozen_backbone: bool
 
 
-def alignment_stage(cfg: TrainAlignmentConfig, compat: CompatConfig) -> Stage:
+def alignment_stage(cfg: TrainConfig, compat: CompatConfig) -> Stage:
     def loss(model: Aladin, images, texts):
         img_set, txt_set = model.alignment_sets(model.image_tokens(images), model.text_tokens(texts))
         scores = model.alignment_scores(img_set, txt_set)  # (B, B) MrSw, positives on the diagonal
@@ -87,14 +87,14 @@ def alignment_stage(cfg: TrainAlignmentConfig, compat: CompatConfig) -> Stage:
                  loss, selection, frozen_backbone=False)
 
 
-def distill_stage(cfg: DistillConfig, compat: CompatConfig) -> Stage:
+def distill_stage(cfg: TrainConfig, compat: CompatConfig) -> Stage:
     def loss(model: Aladin, images, texts):
         with torch.no_grad():  # frozen backbone (freeze-teran: True); the teacher is detached anyway
             img_tok, txt_tok = model.image_tokens(images), model.text_tokens(texts)
-            if cfg.mode == "listnet":
+            if "distillation" in cfg.losses:
                 teacher = model.alignment_scores(*model.alignment_sets(img_tok, txt_tok))  # (B, B)
         student = model.embed_images(img_tok) @ model.embed_texts(txt_tok).T  # (B, B) cosine
-        if cfg.mode == "listnet":
+        if "distillation" in cfg.losses:
             return listnet_distillation(student, teacher, cfg.temperature)
         return hinge_triplet(student, cfg.margin, cfg.max_violation)
 

@@ -38,7 +38,14 @@ def test_numbers_are_coerced_for_float_fields():
     ({"distill": {"temperature": -1.0}}, r"distill\.temperature must be positive"),
     ({"train_alignment": {"epochs": 2.5}}, r"train_alignment\.epochs must be an integer"),
     ({"compat": {"first_region_as_cls": "yes"}}, r"compat\.first_region_as_cls must be true or false"),
-    ({"distill": {"mode": "kl"}}, r"distill\.mode must be one of"),
+    ({"distill": {"distillation_mode": "kl"}}, r"distill\.distillation_mode must be one of"),
+    ({"distill": {"losses": ["alignment"]}}, r"distill: the alignment loss trains only the backbone"),
+    ({"train_alignment": {"losses": ["alignment", "ranking"], "loss_weights": [1, 1]}},
+     r"train_alignment\.losses: unknown loss 'ranking'"),
+    ({"train_alignment": {"losses": ["alignment", "distillation"]}},
+     r"train_alignment\.loss_weights must have one weight per loss \(2\), got 1"),
+    ({"downloads": {"karpathy_split": {"sha": "ab"}}}, r"unknown key 'downloads\.karpathy_split\.sha'"),
+    ({"features": {"source": "vinvl_dump"}}, r"features\.dump_dir is empty"),
     ({"eval": {"fold_size": 10_000}}, r"eval\.fold_size \(10000\) is larger than the test split"),
     ({"features": {"blocks": 3}}, r"features\.blocks must be a list"),
     ({"model": "big"}, r"model must be a mapping"),
@@ -58,3 +65,12 @@ def test_load_params_names_the_file(tmp_path):
     path.write_text("distill: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_params(path)
+
+
+def test_a_section_keeps_its_own_defaults_for_keys_it_omits():
+    # Stage 1 and stage 2 share one dataclass with different defaults: a partial distill section must not
+    # fall back to stage 1's (unfrozen backbone, alignment loss).
+    p = params_from_dict({"distill": {"epochs": 1}, "downloads": {"coco_val2014": {"size": 5}}})
+    assert p.distill.freeze_backbone and p.distill.losses == ("distillation",) and p.distill.epochs == 1
+    assert not p.train_alignment.freeze_backbone and p.train_alignment.losses == ("alignment",)
+    assert p.downloads.coco_val2014.size == 5 and p.downloads.coco_val2014.urls[0].endswith("val2014.zip")

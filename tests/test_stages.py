@@ -60,7 +60,7 @@ def test_stages_run_end_to_end_in_process(micro, tmp_path):
     assert (tmp_path / "m.json").is_file() and (tmp_path / "align" / "model.safetensors").is_file()
     # The hinge (triplet) alternative to ListNet trains the same head from the same teacher.
     params = yaml.safe_load(p.read_text())
-    params["distill"]["mode"] = "triplet"
+    params["distill"]["losses"] = ["matching"]
     (tmp_path / "triplet.yaml").write_text(yaml.safe_dump(params))
     assert train_distill.main(["--params", str(tmp_path / "triplet.yaml"), "--dataset", str(micro / "dataset"),
                                "--features", str(micro / "features"), "--teacher", str(tmp_path / "align"),
