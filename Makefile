@@ -1,6 +1,9 @@
 # The two commands of the README:
 #   make repro   set up .venv (pinned), run the DVC pipeline, print where the report is
 #   make test    set up .venv (pinned), run the whole test suite
+# Presets (aladin/presets.py), as a DVC experiment with every value set by -S:
+#   make paper [RECIPE=alignment-triplet]             the paper profile (MS-COCO, VinVL), GPU and internet
+#   make exp PROFILE=embedded RECIPE=...              a released recipe on the embedded default
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(abspath $(VENV))/bin
@@ -13,7 +16,10 @@ SHELL := bash
 # This machine's pip.conf names local indexes that may be absent; pip's warnings about them are noise.
 QUIET := 2>&1 | { grep -v "is ignored: it is neither" || true; }
 
-.PHONY: setup repro test lock clean-venv
+.PHONY: setup repro test lock clean-venv paper exp
+
+PROFILE ?= paper
+RECIPE ?= matching-distill-finetune
 
 setup: $(STAMP)
 
@@ -28,6 +34,15 @@ repro: setup
 	$(BIN)/dvc repro
 	@echo
 	@echo "Report: $(CURDIR)/reports/report.html   (metrics: dvc metrics show)"
+
+paper: PROFILE = paper
+paper: exp
+
+exp: setup
+	$(BIN)/dvc config --local core.check_update false
+	$(BIN)/python -m aladin.presets --profile $(PROFILE) --recipe $(RECIPE) --run
+	@echo
+	@echo "Report: $(CURDIR)/reports/report.html   (compare: dvc exp show --only-changed; dvc metrics diff)"
 
 test: setup
 	$(BIN)/python -m pytest -q tests

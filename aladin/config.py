@@ -351,7 +351,8 @@ def _check(p: Params, source: str) -> None:
         need(getattr(p.data, name) > 0, f"data.{name} must be positive")
     need(1 <= p.data.min_objects <= p.data.max_objects, "need 1 <= data.min_objects <= data.max_objects")
     need(p.eval.fold_size > 0, "eval.fold_size must be positive")
-    need(p.eval.fold_size <= p.data.n_test, f"eval.fold_size ({p.eval.fold_size}) is larger than the test split (data.n_test = {p.data.n_test})")
+    need(p.data.source != "synthetic" or p.eval.fold_size <= p.data.n_test,
+         f"eval.fold_size ({p.eval.fold_size}) is larger than the test split (data.n_test = {p.data.n_test})")
     need(len(p.features.blocks) == 4, "features.blocks must list 4 stages (res2, res3, res4, res5)")
     det = p.features.detector
     need(0 < det.min_detections <= det.max_detections,
