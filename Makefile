@@ -4,6 +4,7 @@
 # Presets (aladin/presets.py), as a DVC experiment with every value set by -S:
 #   make paper [RECIPE=alignment-triplet]             the paper profile (MS-COCO, VinVL), GPU and internet
 #   make exp PROFILE=embedded RECIPE=...              a released recipe on the embedded default
+#   make released CHECKPOINT=model_best_rsum.pth.tar  the released ALADIN model, evaluated without training
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(abspath $(VENV))/bin
@@ -16,7 +17,7 @@ SHELL := bash
 # This machine's pip.conf names local indexes that may be absent; pip's warnings about them are noise.
 QUIET := 2>&1 | { grep -v "is ignored: it is neither" || true; }
 
-.PHONY: setup repro test lock clean-venv paper exp
+.PHONY: setup repro test lock clean-venv paper exp released
 
 PROFILE ?= paper
 RECIPE ?= matching-distill-finetune
@@ -43,6 +44,18 @@ exp: setup
 	$(BIN)/python -m aladin.presets --profile $(PROFILE) --recipe $(RECIPE) --run
 	@echo
 	@echo "Report: $(CURDIR)/reports/report.html   (compare: dvc exp show --only-changed; dvc metrics diff)"
+
+# The paper profile's inputs (data, backbone, features) as a DVC experiment, then the released checkpoint
+# imported and evaluated by the normal evaluate stage into metrics/released.json.
+released: setup
+	@test -n "$(CHECKPOINT)" || { echo "usage: make released CHECKPOINT=path/to/model_best_rsum.pth.tar"; exit 2; }
+	$(BIN)/dvc config --local core.check_update false
+	$(BIN)/python -m aladin.presets --profile paper --name paper-inputs --run -- features
+	$(BIN)/python -m stages.import_checkpoint --params params.yaml --checkpoint $(CHECKPOINT) \
+		--backbone data/backbone --out models/released
+	$(BIN)/python -m stages.evaluate --params params.yaml --dataset data/dataset --features data/features \
+		--model models/released --metrics metrics/released.json --latency metrics/released_latency.json \
+		--qualitative eval/released_qualitative.json
 
 test: setup
 	$(BIN)/python -m pytest -q tests

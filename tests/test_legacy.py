@@ -16,7 +16,7 @@ from torch import nn
 from aladin.backbone import load_config, write_initial_checkpoint
 from aladin.config import BackboneConfig, CompatConfig, ModelConfig
 from aladin.io import PipelineError
-from aladin.legacy import (convert, import_aladin_checkpoint, read_captions_pt, read_img_keys,
+from aladin.legacy import (convert, import_aladin_checkpoint, read_captions_pt, read_checkpoint, read_img_keys,
                            safe_torch_load)
 from aladin.model import Tokens
 from aladin.train import WEIGHTS, load_model
@@ -283,3 +283,60 @@ def test_img_keys_bad_line(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(PipelineError, match=message):
         read_img_keys(path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The released checkpoint through the stages: import, then the normal evaluate stage
+
+
+def test_released_checkpoint_is_evaluated_by_the_evaluate_stage(tmp_path, capsys):
+    import yaml
+
+    from stages import data as data_stage
+    from stages import evaluate as evaluate_stage
+    from stages import features as features_stage
+    from stages import import_checkpoint
+
+    params = yaml.safe_load(open("params.yaml"))
+    for section, values in {
+        "data": {"n_train": 4, "n_val": 4, "n_test": 6, "image_size": 64},
+        "backbone": {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32},
+        "features": {"min_size": 64, "max_size": 112},
+        "model": {"matching_ff": 16, "matching_heads": 4},
+        "eval": {"fold_size": 3, "latency_queries": 2, "qualitative_queries": 2},
+    }.items():
+        params[section].update(values)
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(params))
+    assert data_stage.main(["--params", str(p), "--out", str(tmp_path / "dataset"),
+                            "--backbone-out", str(tmp_path / "backbone")]) == 0
+    assert features_stage.main(["--params", str(p), "--data", str(tmp_path / "dataset"),
+                                "--out", str(tmp_path / "features")]) == 0
+    ckpt = save_released(tmp_path / "model_best_rsum.pth.tar", released_state(tmp_path / "backbone"))
+    assert import_checkpoint.main(["--params", str(p), "--checkpoint", str(ckpt), "--backbone",
+                                   str(tmp_path / "backbone"), "--out", str(tmp_path / "released")]) == 0
+    evaluate = ["--params", str(p), "--dataset", str(tmp_path / "dataset"), "--features", str(tmp_path / "features"),
+                "--model", str(tmp_path / "released"), "--latency", str(tmp_path / "lat.json"),
+                "--qualitative", str(tmp_path / "q.json")]
+    assert evaluate_stage.main(evaluate + ["--metrics", str(tmp_path / "m1.json")]) == 0
+    metrics = json.loads((tmp_path / "m1.json").read_text())
+    assert {"matching", "alignment"} <= set(metrics) and metrics["matching"]["coco_5k"]["rsum"] >= 0
+    # The released weights are what gets evaluated: the imported model equals the checkpoint's tensors.
+    model = load_model(tmp_path / "released", ModelConfig(**{**params["model"]}), CompatConfig(**params["compat"]))
+    for ours, tensor in model.state_dict().items():
+        theirs = (OSCAR + "bert." + ours.removeprefix("backbone.")) if ours.startswith("backbone.") else \
+            HEAD + "layers." + ours.removeprefix("matching_head.encoder.layers.")
+        assert theirs in ckpt_state(ckpt), theirs
+        assert torch.equal(ckpt_state(ckpt)[theirs], tensor), ours
+    # Same checkpoint, same metrics bytes.
+    assert evaluate_stage.main(evaluate + ["--metrics", str(tmp_path / "m2.json")]) == 0
+    assert (tmp_path / "m1.json").read_bytes() == (tmp_path / "m2.json").read_bytes()
+    # A missing checkpoint is one named error and no output folder.
+    capsys.readouterr()
+    assert import_checkpoint.main(["--params", str(p), "--checkpoint", str(tmp_path / "nope.pth.tar"), "--backbone",
+                                   str(tmp_path / "backbone"), "--out", str(tmp_path / "none")]) == 1
+    assert "nope.pth.tar" in capsys.readouterr().err and not (tmp_path / "none").exists()
+
+
+def ckpt_state(path: Path) -> dict:
+    return read_checkpoint(path)["model"]
