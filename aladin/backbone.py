@@ -112,6 +112,12 @@ def write_initial_checkpoint(out_dir, words, cfg: BackboneConfig, img_feature_di
     `words`: every word the captions and tags can contain; the vocabulary is BERT's special-token block
     followed by the lower-cased words, so [UNK] keeps id 100 as in bert-base-uncased (quirk Q1).
     """
+    with atomic_path(out_dir, directory=True) as tmp:
+        write_initial_files(tmp, words, cfg, img_feature_dim, seed)
+
+
+def write_initial_files(folder: Path, words, cfg: BackboneConfig, img_feature_dim: int, seed: int) -> None:
+    """`write_initial_checkpoint` into the existing folder `folder`, not atomically."""
     vocab = list(SPECIAL_TOKENS)
     seen = set(vocab)
     for w in sorted({w.lower() for w in words} | set(".,")):
@@ -130,10 +136,9 @@ def write_initial_checkpoint(out_dir, words, cfg: BackboneConfig, img_feature_di
     state["bert.pooler.dense.bias"] = torch.zeros(h)
     state["classifier.weight"] = torch.randn(2, h, generator=generator) * config.initializer_range
     state["classifier.bias"] = torch.zeros(2)
-    with atomic_path(out_dir, directory=True) as tmp:
-        (tmp / "config.json").write_text(config.to_json_string(use_diff=False))
-        (tmp / "vocab.txt").write_text("".join(f"{t}\n" for t in vocab))
-        torch.save(state, tmp / "pytorch_model.bin")
+    (folder / "config.json").write_text(config.to_json_string(use_diff=False))
+    (folder / "vocab.txt").write_text("".join(f"{t}\n" for t in vocab))
+    torch.save(state, folder / "pytorch_model.bin")
 
 
 def load_tokenizer(checkpoint_dir) -> BertTokenizer:
@@ -158,14 +163,26 @@ def load_config(checkpoint_dir) -> BertConfig:
     return BertConfig(**raw)
 
 
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # the first present is read
+
+
+def weights_file(checkpoint_dir) -> Path:
+    """The weights file `read_state_dict` reads: model.safetensors, else pytorch_model.bin."""
+    folder = Path(checkpoint_dir)
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    raise PipelineError(f"{folder}: no model.safetensors or pytorch_model.bin")
+
+
 def read_state_dict(checkpoint_dir) -> dict[str, torch.Tensor]:
     """Tensors of `model.safetensors` or `pytorch_model.bin`, never unpickling arbitrary objects."""
-    folder = Path(checkpoint_dir)
-    if (folder / "model.safetensors").is_file():
-        return load_safetensors(folder / "model.safetensors")
-    path = folder / "pytorch_model.bin"
-    if not path.is_file():
-        raise PipelineError(f"{folder}: no model.safetensors or pytorch_model.bin")
+    path = weights_file(checkpoint_dir)
+    if path.suffix == ".safetensors":
+        try:
+            return load_safetensors(path)
+        except Exception as e:  # safetensors raises its own SafetensorError for a damaged header
+            raise PipelineError(f"{path}: cannot be read as safetensors ({e.__class__.__name__}: {e})") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError or RuntimeError with its own wording

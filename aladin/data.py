@@ -1,16 +1,21 @@
 """The image-caption dataset on disk, in the formats of the paper profile, and its readers.
 
 One dataset folder holds
-    images/<file_name>             the images (PNG for the synthetic world)
+    images/...                     the images (synthetic: images/synthetic_%06d.png; COCO: hard links
+                                   images/{train,val}2014/COCO_*.jpg, absent without data.coco_images)
     dataset_coco.json              Karpathy split file: {"dataset", "images": [{"filepath", "filename", "imgid",
                                    "split", "cocoid", "sentids", "sentences": [{"tokens", "raw", "imgid",
                                    "sentid"}]}]}; split is train | val | test (| restval for COCO)
     annotations/captions.json      COCO captions (pycocotools.coco.COCO reads it)
     annotations/instances.json     COCO instances: boxes [x, y, w, h] in pixels, categories = shapes
 The readers assume nothing synthetic, so that the COCO profile can reuse them (ALADIN.md section 6.1).
+Writers: `aladin.synthetic_data` (data.source synthetic) and `aladin.coco` (data.source coco).
 """
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,3 +134,24 @@ def load_image(dataset_dir, record: ImageRecord) -> Image.Image:
         raise PipelineError(f"{path}: image file not found") from None
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise PipelineError(f"{path}: cannot decode image ({e})") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing helpers shared by the writers
+
+
+def dumps_compact(obj) -> str:
+    """Deterministic JSON without indentation: the big annotation files, as COCO ships them. Indented
+    output would force Python's slow pure-Python encoder (several seconds for the default dataset)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")) + "\n"
+
+
+def link_or_copy(src: str | Path, dst: str | Path) -> None:
+    """Hard-link `src` at `dst` (creating its folder), or copy it where linking fails (another file system,
+    no hard links). Large inputs then cost no space twice; nothing writes to either name in place."""
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)

@@ -6,14 +6,27 @@ into `<dest>/.<name>.part`, resumes with an HTTP `Range` request after a dropped
 SHA-256, and only then renames onto `<dest>/<name>`; a killed run leaves at most the `.part` file, which the
 next run resumes.
 
-`PAPER_FILES` lists the public locations known from the specs. No SHA-256 of those files is given there, so
-each entry has `sha256=""` and `download()` refuses it unless the caller passes `allow_unverified=True`;
-the integrator pins real checksums once the files have been fetched and inspected.
+The catalogue is the `downloads` section of params.yaml (`aladin.config.DownloadsConfig`): each entry lists
+its mirrors, sha256 and size. `fetch_param(downloads, key)` fetches one entry into `downloads.dir` (the files of
+a backbone checkpoint into a sub-folder, see `GROUPS`). No sha256 of the upstream files is given in the specs,
+so entries start unpinned (`sha256: ''`) and are refused unless `downloads.allow_unverified`; then a warning
+names each file with its measured sha256 and size, and
+
+    python -m aladin.download --pin --params params.yaml
+
+prints those values for every catalogue file already in `downloads.dir`, as YAML to paste into params.yaml.
+
+A file's local name is the last path component of its first URL, query string ignored: a mirror that needs
+one (Oscar's DOWNLOAD.md, 2023: the biglmdiag blob now wants a read-only SAS token; ALADIN.md 6.7 reports the
+coco_ir folder missing, microsoft/Oscar#95, #75) can go first in the entry's `urls` without renaming the file.
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import hashlib
 import http.client
+import json
 import os
 import re
 import shutil
@@ -22,13 +35,16 @@ import sys
 import tarfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
+from aladin.config import ConfigError, DownloadsConfig, RemoteFileConfig, load_params
 from aladin.io import PipelineError, atomic_path
 
 
@@ -44,40 +60,114 @@ class RemoteFile:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Catalogue (paper profile)
+# The catalogue in params (`downloads`)
 
-_COCO = "http://images.cocodataset.org"
-# VINVL.md 3.1: the SGB README / pzzhang/VinVL DOWNLOAD.md blob first, then the MMF re-host of the same file.
-_VINVL_BLOB = "https://penzhanwu2.blob.core.windows.net/sgg/sgg_benchmark/vinvl_model_zoo"
-_VINVL_MMF = "https://dl.fbaipublicfiles.com/mmf/data/models/vinvl/detection"
-# ALADIN.md 1.2 names coco_ir/base/checkpoint-0132780; the folder URL is VinVL_MODEL_ZOO.md's (and the mesnico/
-# ALADIN README's azcopy line). Oscar's DOWNLOAD.md (2023) says biglmdiag now needs a read-only SAS query string
-# appended, and ALADIN.md 6.7 reports the folder missing (microsoft/Oscar#95, #75): add a working mirror with
-# dataclasses.replace(f, urls=(...,) + f.urls). File names are what Oscar's checkpoint saving writes
-# (save_pretrained of the model and the tokenizer) [derived, not listed in the specs].
-_COCO_IR = "https://biglmdiag.blob.core.windows.net/vinvl/model_ckpts/coco_ir/base/checkpoint-0132780"
-
-PAPER_FILES: dict[str, RemoteFile] = {
-    "coco_train2014": RemoteFile("train2014.zip", (f"{_COCO}/zips/train2014.zip",), "", None, extract=True),
-    "coco_val2014": RemoteFile("val2014.zip", (f"{_COCO}/zips/val2014.zip",), "", None, extract=True),
-    "coco_annotations2014": RemoteFile(
-        "annotations_trainval2014.zip", (f"{_COCO}/annotations/annotations_trainval2014.zip",), "", None,
-        extract=True,
-    ),
-    "karpathy_split": RemoteFile(
-        "caption_datasets.zip", ("https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip",),
-        "", None, extract=True,
-    ),
-    "vinvl_detector": RemoteFile(
-        "vinvl_vg_x152c4.pth", (f"{_VINVL_BLOB}/vinvl_vg_x152c4.pth", f"{_VINVL_MMF}/vinvl_vg_x152c4.pth"), "", None,
-    ),
-    "vinvl_labelmap": RemoteFile(
-        "VG-SGG-dicts-vgoi6-clipped.json", (f"{_VINVL_BLOB}/VG-SGG-dicts-vgoi6-clipped.json",), "", None,
-    ),
-    "vinvl_coco_ir_config": RemoteFile("config.json", (f"{_COCO_IR}/config.json",), "", None),
-    "vinvl_coco_ir_weights": RemoteFile("pytorch_model.bin", (f"{_COCO_IR}/pytorch_model.bin",), "", None),
-    "vinvl_coco_ir_vocab": RemoteFile("vocab.txt", (f"{_COCO_IR}/vocab.txt",), "", None),
+# Entries whose files make one checkpoint folder share a sub-folder of downloads.dir: the two backbones'
+# config.json and vocab.txt would otherwise collide, and each sub-folder is then a complete checkpoint
+# (also the place to put one by hand). Every other file lies directly in downloads.dir.
+GROUPS = {
+    "vinvl_backbone_config": "vinvl_backbone",
+    "vinvl_backbone_vocab": "vinvl_backbone",
+    "vinvl_backbone_weights": "vinvl_backbone",
+    "bert_config": "bert-base-uncased",
+    "bert_vocab": "bert-base-uncased",
+    "bert_weights": "bert-base-uncased",
 }
+
+
+def catalogue_keys(downloads: DownloadsConfig | None = None) -> list[str]:
+    """The entry names of the `downloads` section, in declaration order."""
+    return [f.name for f in dataclasses.fields(DownloadsConfig)
+            if isinstance(getattr(downloads or DownloadsConfig(), f.name), RemoteFileConfig)]
+
+
+def _entry(downloads: DownloadsConfig, key: str) -> RemoteFileConfig:
+    entry = getattr(downloads, key, None)
+    if not isinstance(entry, RemoteFileConfig):
+        raise PipelineError(f"downloads.{key}: no such catalogue entry (known: {', '.join(catalogue_keys(downloads))})")
+    return entry
+
+
+def file_name(entry: RemoteFileConfig, key: str = "?") -> str:
+    """The local file name of an entry: the last path component of its first URL (query string ignored)."""
+    if not entry.urls:
+        raise PipelineError(f"downloads.{key}: no URL given")
+    name = urllib.parse.unquote(urllib.parse.urlsplit(entry.urls[0]).path.rsplit("/", 1)[-1])
+    if not name:
+        raise PipelineError(f"downloads.{key}: the first URL {entry.urls[0]!r} does not end in a file name")
+    return name
+
+
+def remote_from_config(entry: RemoteFileConfig, key: str = "?", extract: bool = False) -> RemoteFile:
+    """`RemoteFile` of a params entry: size 0 means not known, sha256 "" means not pinned."""
+    return RemoteFile(file_name(entry, key), tuple(entry.urls), entry.sha256, entry.size or None, extract=extract)
+
+
+def param_folder(downloads: DownloadsConfig, key: str) -> Path:
+    """Where the file of entry `key` is put: downloads.dir, or its `GROUPS` sub-folder."""
+    _entry(downloads, key)
+    return Path(downloads.dir) / GROUPS[key] if key in GROUPS else Path(downloads.dir)
+
+
+def param_path(downloads: DownloadsConfig, key: str) -> Path:
+    """The path the file of entry `key` has once fetched (before any extraction)."""
+    return param_folder(downloads, key) / file_name(_entry(downloads, key), key)
+
+
+def fetch_param(downloads: DownloadsConfig, key: str, extract: bool = False, **download_kwargs) -> Path:
+    """Fetch catalogue entry `key` (and unpack it when `extract`); return the file or the unpacked folder.
+
+    An unpinned entry is refused unless `downloads.allow_unverified`; when accepted, one warning line on
+    stderr names it with its measured sha256 and size. `download_kwargs` go to `download()` (progress,
+    backoff, chunk_size).
+    """
+    entry = _entry(downloads, key)
+    remote = remote_from_config(entry, key, extract=extract)
+    folder = param_folder(downloads, key)
+    if not entry.sha256 and not downloads.allow_unverified:
+        raise PipelineError(
+            f"downloads.{key} ({remote.name}): no sha256 is pinned, so the file cannot be verified; pin "
+            f"downloads.{key}.sha256 and size in params.yaml, or set downloads.allow_unverified: true to accept "
+            "it unchecked (then `python -m aladin.download --pin` prints the values to pin)")
+    options = dict(retries=downloads.retries, timeout=downloads.timeout,
+                   allow_unverified=downloads.allow_unverified, remember_sha256=True) | download_kwargs
+    try:
+        path = fetch(remote, folder, **options)
+    except PipelineError as e:
+        raise PipelineError(f"downloads.{key}: {e}") from None
+    if not entry.sha256:
+        archive = folder / remote.name
+        print(f"warning: downloads.{key}: {archive} is not pinned and was accepted unverified: sha256 "
+              f"{measured_sha256(archive)}, size {archive.stat().st_size} bytes (pin them in params.yaml)",
+              file=sys.stderr)
+    return path
+
+
+def measured_sha256(path: str | Path) -> str:
+    """sha256 of `path`, remembered in a `.<name>.sha256` file beside it while its size and mtime stay the
+    same (hashing the 13 GB image archive on every run would take minutes)."""
+    path = Path(path)
+    st = path.stat()
+    memo = path.parent / f".{path.name}.sha256"
+    stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    try:
+        known = json.loads(memo.read_text())
+        if {k: known.get(k) for k in stamp} == stamp and re.fullmatch(r"[0-9a-f]{64}", known.get("sha256", "")):
+            return known["sha256"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    digest = sha256_of(path)
+    _remember_sha256(path, digest)
+    return digest
+
+
+def _remember_sha256(path: Path, digest: str) -> None:
+    st = path.stat()
+    try:
+        with atomic_path(path.parent / f".{path.name}.sha256") as tmp:
+            tmp.write_text(json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}) + "\n")
+    except OSError:
+        pass  # a read-only folder: no memo, the value is still right
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -110,8 +200,12 @@ def download(
     progress: bool = True,
     backoff: float = 2.0,
     allow_unverified: bool = False,
+    remember_sha256: bool = False,
 ) -> Path:
     """Fetch `remote` into `dest_dir/remote.name` and return that path.
+
+    `remember_sha256`: keep the verified checksum in `.<name>.sha256` beside the file, so that a later
+    call trusts a file of unchanged size and mtime without hashing it again.
 
     Each mirror gets `retries` attempts, sleeping `backoff * 2**k` seconds after the k-th failure; every
     attempt resumes the `.part` file with a `Range` request. Raises `PipelineError` naming the file, each URL
@@ -120,7 +214,7 @@ def download(
     _check_remote(remote, allow_unverified)
     dest_dir = Path(dest_dir)
     final = dest_dir / remote.name
-    if final.is_file() and _is_good(final, remote):
+    if final.is_file() and _is_good(final, remote, remember_sha256):
         return final  # already there: no request at all
     dest_dir.mkdir(parents=True, exist_ok=True)
     part = dest_dir / f".{remote.name}.part"
@@ -130,6 +224,8 @@ def download(
         error = _try_mirror(url, part, remote, retries, timeout, chunk_size, progress, backoff)
         if error is None:
             os.replace(part, final)
+            if remote.sha256 and remember_sha256:  # verified just now: later runs need not hash it again
+                _remember_sha256(final, remote.sha256)
             return final
         failures.append(f"  {url}: {error}")
     part.unlink(missing_ok=True)  # after every mirror failed, no partial file is left behind
@@ -157,10 +253,12 @@ def _check_remote(remote: RemoteFile, allow_unverified: bool) -> None:
         )
 
 
-def _is_good(path: Path, remote: RemoteFile) -> bool:
+def _is_good(path: Path, remote: RemoteFile, remember: bool) -> bool:
     if remote.size is not None and path.stat().st_size != remote.size:
         return False
-    return not remote.sha256 or sha256_of(path) == remote.sha256
+    if not remote.sha256:
+        return True
+    return (measured_sha256(path) if remember else sha256_of(path)) == remote.sha256
 
 
 def _try_mirror(url, part, remote, retries, timeout, chunk_size, progress, backoff) -> str | None:
@@ -288,21 +386,35 @@ def extract(archive: str | Path, dest_dir: str | Path) -> Path:
     elif tarfile.is_tarfile(archive):
         unpack = _extract_tar
     else:
-        raise PipelineError(f"{archive}: neither a zip nor a tar archive")
+        raise PipelineError(f"{archive}: neither a zip nor a tar archive (truncated or damaged?)")
     with atomic_path(dest_dir, directory=True) as tmp:
         unpack(archive, Path(tmp))
     return dest_dir
 
 
 def fetch(remote: RemoteFile, dest_dir: str | Path, **download_kwargs) -> Path:
-    """download(), then for an `extract` archive unpack it into `dest_dir/<name without suffix>` once."""
+    """download(), then for an `extract` archive unpack it into `dest_dir/<name without suffix>` once.
+
+    The folder is unpacked again when the archive changed since (a `.<folder>.extracted` stamp beside it
+    holds the archive's size and mtime); a damaged archive raises PipelineError naming it.
+    """
     path = download(remote, dest_dir, **download_kwargs)
     if not remote.extract:
         return path
     target = Path(dest_dir) / re.sub(r"(\.tar)?\.(zip|tar|gz|tgz|bz2|xz)$", "", remote.name)
-    if target.is_dir():
+    stamp_file = Path(dest_dir) / f".{target.name}.extracted"
+    st = path.stat()
+    stamp = f"{remote.name} {st.st_size} {st.st_mtime_ns}\n"
+    if target.is_dir() and stamp_file.is_file() and stamp_file.read_text() == stamp:
         return target  # extraction is atomic, so an existing folder is complete
-    return extract(path, target)
+    stamp_file.unlink(missing_ok=True)
+    try:
+        extract(path, target)
+    except PipelineError as e:
+        raise PipelineError(f"{e}; delete {path} to download it again") from None
+    with atomic_path(stamp_file) as tmp:
+        tmp.write_text(stamp)
+    return target
 
 
 def _refuse(archive: Path, member: str, why: str) -> PipelineError:
@@ -340,6 +452,13 @@ def _check_name(archive: Path, root: Path, name: str) -> Path:
 
 
 def _extract_zip(archive: Path, tmp: Path) -> None:
+    try:
+        _unpack_zip(archive, tmp)
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, OSError) as e:  # CRC, truncation
+        raise PipelineError(f"{archive}: cannot extract ({type(e).__name__}: {e})") from None
+
+
+def _unpack_zip(archive: Path, tmp: Path) -> None:
     root = Path(os.path.realpath(tmp))
     with zipfile.ZipFile(archive) as zf:
         infos = zf.infolist()
@@ -400,3 +519,55 @@ def _extract_tar(archive: Path, tmp: Path) -> None:
         raise PipelineError(f"{archive}: refusing member {e.tarinfo.name!r}: {e}") from None
     except (tarfile.TarError, EOFError, OSError) as e:
         raise PipelineError(f"{archive}: cannot extract ({type(e).__name__}: {e})") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pinning: python -m aladin.download --pin --params params.yaml
+
+
+def pin_lines(downloads: DownloadsConfig) -> list[str]:
+    """YAML lines (indented as under `downloads:` in params.yaml) giving each catalogue file present in
+    downloads.dir its urls, measured sha256 and size. An entry whose pinned sha256 or size differs from
+    the file gets a comment saying so."""
+    lines = []
+    for key in catalogue_keys(downloads):
+        entry = _entry(downloads, key)
+        path = param_path(downloads, key)
+        if not path.is_file():
+            continue
+        digest, size = measured_sha256(path), path.stat().st_size
+        if (entry.sha256 and entry.sha256 != digest) or (entry.size and entry.size != size):
+            lines.append(f"  # {key}: {path} differs from the pinned sha256 {entry.sha256 or '-'} / size "
+                         f"{entry.size or '-'}")
+        lines.append(f"  {key}:")
+        lines.append("    urls:")
+        lines.extend(f"    - {url}" for url in entry.urls)
+        lines.append(f"    sha256: {digest}")
+        lines.append(f"    size: {size}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m aladin.download",
+        description="Print the sha256 and size of every catalogue file in downloads.dir, to pin in params.yaml.")
+    parser.add_argument("--pin", action="store_true", required=True,
+                        help="measure the files already downloaded (required; the only action)")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    args = parser.parse_args(argv)
+    try:
+        downloads = load_params(args.params).downloads
+        lines = pin_lines(downloads)
+        if not lines:
+            raise PipelineError(f"{downloads.dir}: no file of the downloads catalogue is there yet "
+                                f"(known: {', '.join(catalogue_keys(downloads))})")
+    except (ConfigError, PipelineError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"# Measured in {downloads.dir}; replace these entries under `downloads:` in {args.params}.")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -15,23 +15,35 @@ Run     dvc repro features
 
 Regions are the annotation boxes (features.mode given_boxes, confidence 1.0), pooled from a C4 ResNet
 with seeded random weights (params seed) on the embedded profile. Prints images per second at the end.
+With features.mode detect, features.detector.checkpoint / labelmap set to `download` are fetched from the
+downloads catalogue (downloads.vinvl_detector / vinvl_labelmap; params section downloads).
+
+features.source vinvl_dump: no extraction; the existing VinVL feature folder features.dump_dir (features.tsv
++ .lineidx, predictions.tsv + .lineidx, imageid2idx.json; ALADIN.md 6.3) is checked (region length D+6 =
+model.img_feature_dim, every image of the dataset present) and --out gets hard links to its five files
+(copies where linking fails), so a 50 GB dump is not duplicated.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import sys
 import time
+from pathlib import Path
 
 from tqdm import tqdm
 
 from aladin import extraction
-from aladin.config import load_params
+from aladin.config import Params, load_params
+from aladin.data import SPLITS, link_or_copy, load_karpathy
 from aladin.features import feature_dim, region_dim
-from aladin.io import PipelineError
+from aladin.io import PipelineError, atomic_path
+from aladin.regions import RegionFeatures
 from stages.common import run
 
 SHOWN_FAILURES = 5
+DUMP_FILES = ("features.tsv", "features.lineidx", "predictions.tsv", "predictions.lineidx", "imageid2idx.json")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -84,12 +96,53 @@ def report_failures(outcome: extraction.Outcome) -> None:
           file=sys.stderr)
 
 
+def resolve_detector_files(params: Params) -> Params:
+    """`params` with features.detector.checkpoint / labelmap `download` replaced by the fetched files' paths."""
+    from aladin.download import fetch_param  # only detect mode with downloads needs it
+
+    det = params.features.detector
+    keys = {"checkpoint": "vinvl_detector", "labelmap": "vinvl_labelmap"}
+    changes = {name: str(fetch_param(params.downloads, key)) for name, key in keys.items()
+               if getattr(det, name) == "download"}
+    if not changes:
+        return params
+    features = dataclasses.replace(params.features, detector=dataclasses.replace(det, **changes))
+    return dataclasses.replace(params, features=features)
+
+
+def install_dump(dump_dir: str | Path, data_dir: str | Path, out_dir: str | Path, img_feature_dim: int) -> int:
+    """Check the VinVL feature folder `dump_dir` against the dataset and link its files into `out_dir`
+    (replaced as a whole); returns the number of dataset images."""
+    dump_dir = Path(dump_dir)
+    for name in DUMP_FILES:
+        if not (dump_dir / name).is_file():
+            raise PipelineError(f"{dump_dir / name}: file not found (features.dump_dir must hold "
+                                f"{', '.join(DUMP_FILES)})")
+    dump = RegionFeatures(dump_dir, expected_dim=img_feature_dim)
+    records = [r for split in SPLITS for r in load_karpathy(data_dir, split)]
+    missing = [r for r in records if r.image_id not in dump]
+    if missing:
+        raise PipelineError(f"{dump.index_path}: image id {missing[0].image_id} ({missing[0].file_name}) of the "
+                            f"dataset is not in the dump ({len(missing)} of {len(records)} images missing)")
+    with atomic_path(out_dir, directory=True) as tmp:
+        for name in DUMP_FILES:
+            link_or_copy(dump_dir / name, tmp / name)
+    return len(records)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> int:
         params = load_params(args.params)
         cfg = params.features
+        if cfg.source == "vinvl_dump":
+            if args.merge or extraction.resolve_rank(args.rank, args.world_size)[1] > 1:
+                raise PipelineError("features.source is vinvl_dump: there is nothing to extract, shard or merge; "
+                                    "run one process without --merge")
+            n = install_dump(cfg.dump_dir, args.data, args.out, params.model.img_feature_dim)
+            print(f"features: {n} images from the VinVL dump {cfg.dump_dir} (linked, not extracted) -> {args.out}")
+            return 0
         if region_dim(cfg) != params.model.img_feature_dim:
             raise PipelineError(f"{args.params}: the extractor writes D+6 = {feature_dim(cfg)}+6 = "
                                 f"{region_dim(cfg)} values per region (32 x features.stem_channels + 6) but "
@@ -103,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
             report_failures(outcome)
             print(f"features: merged {len(shards)} shards, {outcome.written} images -> {args.out}")
             return 0
+        if not (Path(args.data) / "images").is_dir():
+            raise PipelineError(f"{args.data}: no images/ folder to extract features from (data.coco_images: "
+                                "false?); use features.source vinvl_dump, or fetch the images")
+        if cfg.mode == "detect":
+            params = resolve_detector_files(params)
         rank, world_size = extraction.resolve_rank(args.rank, args.world_size)
         progress = Progress(not args.no_progress and sys.stderr.isatty(),
                             "features" if world_size == 1 else f"features rank {rank}")

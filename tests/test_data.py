@@ -222,3 +222,28 @@ def test_stage_errors_are_one_line_and_leave_no_output(tmp_path, capsys, section
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err and "Traceback" not in err
     assert not out.exists() and not (tmp_path / "bb").exists()
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing helpers
+
+
+def test_link_or_copy_links_on_one_file_system_and_copies_across(tmp_path):
+    import os
+    import tempfile
+
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"pixels")
+    data.link_or_copy(src, tmp_path / "deep" / "er" / "dst.bin")
+    assert (tmp_path / "deep/er/dst.bin").samefile(src) and src.stat().st_nlink == 2
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second file system to copy across")
+    with tempfile.TemporaryDirectory(dir=shm) as other:
+        dst = Path(other) / "dst.bin"
+        data.link_or_copy(src, dst)  # os.link fails with EXDEV: a copy
+        assert dst.read_bytes() == b"pixels" and not dst.samefile(src)
+
+
+def test_dumps_compact_is_sorted_and_unindented():
+    assert data.dumps_compact({"b": [1, {"z": 0, "a": "é"}], "a": 2.5}) == '{"a":2.5,"b":[1,{"a":"\\u00e9","z":0}]}\n'

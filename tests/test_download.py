@@ -3,18 +3,18 @@ from __future__ import annotations
 
 import hashlib
 import io
-import socket
 import stat
 import tarfile
-import threading
 import zipfile
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import yaml
+from loopback import Route as _Route, dead_url, server  # noqa: F401  (server is a fixture)
 
-from aladin.download import PAPER_FILES, RemoteFile, download, extract, fetch
+from aladin import download as dl
+from aladin.config import DownloadsConfig, RemoteFileConfig, params_from_dict
+from aladin.download import RemoteFile, download, extract, fetch, fetch_param, remote_from_config
 from aladin.io import PipelineError
 
 PAYLOAD = bytes((i * 7 + i // 251) % 256 for i in range(50_000))
@@ -22,74 +22,8 @@ SHA = hashlib.sha256(PAYLOAD).hexdigest()
 FAST = dict(retries=3, timeout=5, chunk_size=4096, progress=False, backoff=0)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Loopback server with switchable faults
-
-
-@dataclass
-class Route:
-    data: bytes = PAYLOAD
-    drop_after: int | None = None  # first request only: send this many bytes, then close the connection
-    ignore_range: bool = False  # answer 200 with the whole body even to a Range request
-    status: int = 200  # e.g. 404
-
-
-@dataclass
-class Log:
-    requests: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Range header)
-
-
-class Handler(BaseHTTPRequestHandler):
-    def do_GET(self):
-        routes, log = self.server.routes, self.server.log
-        rng = self.headers.get("Range")
-        with self.server.lock:
-            first = not any(p == self.path for p, _ in log.requests)
-            log.requests.append((self.path, rng))
-        route = routes.get(self.path)
-        if route is None or route.status != 200:
-            self.send_error(route.status if route else 404)
-            return
-        data, start = route.data, 0
-        if rng and not route.ignore_range:
-            start = int(rng.removeprefix("bytes=").rstrip("-"))
-            if start >= len(data):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(data)}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        else:
-            self.send_response(200)
-        body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if first and route.drop_after is not None:
-            self.wfile.write(body[: route.drop_after])
-            self.wfile.flush()
-            self.close_connection = True
-            self.connection.shutdown(socket.SHUT_RDWR)
-            return
-        self.wfile.write(body)
-
-    def log_message(self, *args):  # keep pytest output clean
-        pass
-
-
-@pytest.fixture
-def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.routes, httpd.log, httpd.lock = {}, Log(), threading.Lock()
-    httpd.timeout = 5
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    httpd.url = lambda path: f"http://127.0.0.1:{httpd.server_address[1]}{path}"
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(timeout=5)
+def Route(data: bytes = PAYLOAD, **kwargs) -> _Route:
+    return _Route(data=data, **kwargs)
 
 
 def remote(*urls, sha=SHA, size=len(PAYLOAD)):
@@ -176,9 +110,7 @@ def test_404_moves_to_next_mirror(server, tmp_path):
 
 
 def test_every_mirror_failing_lists_each_url_and_failure(server, tmp_path):
-    with socket.socket() as s:  # a loopback port with nobody listening
-        s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}/x"
+    dead = dead_url()  # a loopback port with nobody listening
     server.routes["/gone"] = Route(status=404)
     with pytest.raises(PipelineError) as e:
         download(remote(dead, server.url("/gone")), tmp_path, **FAST)
@@ -218,12 +150,114 @@ def test_bad_remote_descriptions_refused(tmp_path):
         download(RemoteFile("../f", ("http://127.0.0.1:1/f",), SHA, None), tmp_path, **FAST)
 
 
-def test_paper_catalogue_is_well_formed():
-    for key, f in PAPER_FILES.items():
-        assert f.urls and all(u.startswith(("http://", "https://")) for u in f.urls), key
-        assert f.sha256 == ""  # no checksum is known from the specs; none is invented
-    assert PAPER_FILES["coco_train2014"].urls == ("http://images.cocodataset.org/zips/train2014.zip",)
-    assert PAPER_FILES["vinvl_detector"].name == "vinvl_vg_x152c4.pth"
+def test_catalogue_in_params_is_well_formed():
+    downloads = DownloadsConfig()
+    keys = dl.catalogue_keys(downloads)
+    assert {"karpathy_split", "coco_annotations", "coco_train2014", "coco_val2014", "vinvl_detector",
+            "vinvl_labelmap", "vinvl_backbone_weights", "bert_weights"} <= set(keys)
+    for key in keys:
+        entry = getattr(downloads, key)
+        assert entry.urls and all(u.startswith(("http://", "https://")) for u in entry.urls), key
+        assert entry.sha256 == ""  # no checksum is known from the specs; none is invented
+        remote = remote_from_config(entry, key)
+        assert remote.size is None and remote.sha256 == "" and remote.urls == entry.urls
+    assert remote_from_config(downloads.coco_train2014).name == "train2014.zip"
+    assert remote_from_config(downloads.vinvl_detector).name == "vinvl_vg_x152c4.pth"
+    assert dl.param_path(downloads, "bert_weights") == Path("downloads/bert-base-uncased/model.safetensors")
+    assert dl.param_path(downloads, "vinvl_backbone_config") == Path("downloads/vinvl_backbone/config.json")
+    assert dl.param_path(downloads, "karpathy_split") == Path("downloads/caption_datasets.zip")
+
+
+def test_remote_from_config_names_and_sizes():
+    entry = RemoteFileConfig(urls=("https://h/a/b%20c.zip?sig=1&se=2", "https://m/x.zip"), sha256=SHA, size=12)
+    assert remote_from_config(entry, extract=True) == RemoteFile("b c.zip", entry.urls, SHA, 12, extract=True)
+    with pytest.raises(PipelineError, match="downloads.k: the first URL 'https://h/' does not end in a file name"):
+        remote_from_config(RemoteFileConfig(urls=("https://h/",)), "k")
+    with pytest.raises(PipelineError, match="downloads.k: no URL given"):
+        remote_from_config(RemoteFileConfig(), "k")
+
+
+def _downloads(tmp_path, **entries) -> DownloadsConfig:
+    raw = {"dir": str(tmp_path / "dl"), "retries": 2, "timeout": 5}
+    raw.update(entries)
+    return params_from_dict({"downloads": raw}).downloads
+
+
+def test_fetch_param_pinned_fetches_into_dir_and_group_folder(server, tmp_path, capsys):
+    server.routes["/k/caption_datasets.zip"] = Route()
+    server.routes["/b/model.safetensors"] = Route(drop_after=1000)
+    downloads = _downloads(
+        tmp_path,
+        karpathy_split={"urls": [server.url("/k/caption_datasets.zip")], "sha256": SHA, "size": len(PAYLOAD)},
+        bert_weights={"urls": [server.url("/gone/model.safetensors"), server.url("/b/model.safetensors")], "sha256": SHA,
+                      "size": 0})
+    path = fetch_param(downloads, "karpathy_split", **FAST)
+    assert path == tmp_path / "dl" / "caption_datasets.zip" and path.read_bytes() == PAYLOAD
+    path = fetch_param(downloads, "bert_weights", **FAST)
+    assert path == tmp_path / "dl" / "bert-base-uncased" / "model.safetensors" and path.read_bytes() == PAYLOAD
+    assert capsys.readouterr().err == ""  # pinned: no warning
+    n = len(server.log.requests)
+    fetch_param(downloads, "karpathy_split", **FAST)  # present and verified: no request
+    assert len(server.log.requests) == n
+    with pytest.raises(PipelineError, match="downloads.nope: no such catalogue entry"):
+        fetch_param(downloads, "nope")
+
+
+def test_fetch_param_unpinned_refused_unless_allowed_then_warns(server, tmp_path, capsys):
+    server.routes["/x/vinvl_vg_x152c4.pth"] = Route()
+    entry = {"urls": [server.url("/x/vinvl_vg_x152c4.pth")]}
+    with pytest.raises(PipelineError) as e:
+        fetch_param(_downloads(tmp_path, vinvl_detector=entry), "vinvl_detector", **FAST)
+    assert "downloads.vinvl_detector (vinvl_vg_x152c4.pth): no sha256 is pinned" in str(e.value)
+    assert "downloads.allow_unverified: true" in str(e.value) and server.log.requests == []
+    path = fetch_param(_downloads(tmp_path, vinvl_detector=entry, allow_unverified=True), "vinvl_detector", **FAST)
+    assert path.read_bytes() == PAYLOAD
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: downloads.vinvl_detector: ")
+    assert str(path) in err[0] and SHA in err[0] and f"size {len(PAYLOAD)} bytes" in err[0]
+
+
+def test_fetch_param_failure_names_key_file_urls_and_where_to_put_it(server, tmp_path):
+    dead = dead_url("/vinvl_vg_x152c4.pth")
+    downloads = _downloads(tmp_path, vinvl_detector={"urls": [dead, server.url("/gone/vinvl_vg_x152c4.pth")],
+                                                     "sha256": SHA})
+    with pytest.raises(PipelineError) as e:
+        fetch_param(downloads, "vinvl_detector", **FAST)
+    msg = str(e.value)
+    assert msg.startswith("downloads.vinvl_detector: could not download vinvl_vg_x152c4.pth; tried:")
+    assert dead in msg and server.url("/gone/vinvl_vg_x152c4.pth") in msg and "HTTP 404" in msg
+    assert f"Place the file by hand at {(tmp_path / 'dl' / 'vinvl_vg_x152c4.pth').resolve()}" in msg
+
+
+def test_pin_prints_yaml_for_the_files_present(server, tmp_path, capsys):
+    other = b"another file"
+    server.routes["/a/VG-SGG-dicts-vgoi6-clipped.json"] = Route()
+    server.routes["/b/vocab.txt"] = Route(data=other)
+    downloads = {"dir": str(tmp_path / "dl"), "allow_unverified": True,
+                 "vinvl_labelmap": {"urls": [server.url("/a/VG-SGG-dicts-vgoi6-clipped.json")]},
+                 "bert_vocab": {"urls": [server.url("/b/vocab.txt")], "sha256": "0" * 64}}
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"downloads": downloads}))
+    assert dl.main(["--pin", "--params", str(params)]) == 1  # nothing downloaded yet
+    assert "no file of the downloads catalogue" in capsys.readouterr().err
+    fetch_param(params_from_dict({"downloads": downloads}).downloads, "vinvl_labelmap", **FAST)
+    (tmp_path / "dl" / "bert-base-uncased").mkdir()
+    (tmp_path / "dl" / "bert-base-uncased" / "vocab.txt").write_bytes(other)  # placed by hand, pin is wrong
+    capsys.readouterr()
+    assert dl.main(["--pin", "--params", str(params)]) == 0
+    out = capsys.readouterr().out
+    assert "# bert_vocab:" in out and "differs from the pinned sha256 " + "0" * 64 in out
+    pinned = yaml.safe_load(out)
+    assert pinned == {
+        "vinvl_labelmap": {"urls": [server.url("/a/VG-SGG-dicts-vgoi6-clipped.json")], "sha256": SHA,
+                           "size": len(PAYLOAD)},
+        "bert_vocab": {"urls": [server.url("/b/vocab.txt")], "sha256": hashlib.sha256(other).hexdigest(),
+                       "size": len(other)}}
+    # Pasted into the params, the entries verify: no warning, no request.
+    downloads.update(pinned, allow_unverified=False)
+    n = len(server.log.requests)
+    fetch_param(params_from_dict({"downloads": downloads}).downloads, "vinvl_labelmap", **FAST)
+    assert len(server.log.requests) == n
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -325,3 +359,39 @@ def test_fetch_downloads_and_extracts_once(server, tmp_path):
     out = fetch(f, dest, **FAST)
     assert out == dest / "c" and (out / "captions.json").read_bytes() == b"{}"
     assert fetch(f, dest, **FAST) == out and len(server.log.requests) == 1
+
+
+def test_damaged_zip_is_named_and_leaves_nothing(tmp_path):
+    good = make_zip(tmp_path / "src.zip", [("a.txt", b"alpha" * 100), ("b.txt", b"beta" * 100)]).read_bytes()
+    flipped = bytearray(good)
+    flipped[good.index(b"alpha" * 100) + 7] ^= 0x01  # stored member: a CRC mismatch on read
+    (tmp_path / "crc.zip").write_bytes(bytes(flipped))
+    with pytest.raises(PipelineError, match=r"crc\.zip: cannot extract \(BadZipFile: Bad CRC-32"):
+        extract(tmp_path / "crc.zip", tmp_path / "out")
+    (tmp_path / "cut.zip").write_bytes(good[: len(good) // 2])  # no central directory
+    with pytest.raises(PipelineError, match=r"cut\.zip: neither a zip nor a tar archive \(truncated or damaged\?\)"):
+        extract(tmp_path / "cut.zip", tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crc.zip", "cut.zip", "src.zip"]
+
+
+def test_fetch_extracts_again_when_the_archive_changed(server, tmp_path):
+    first = make_zip(tmp_path / "one.zip", [("x.txt", b"one")]).read_bytes()
+    second = make_zip(tmp_path / "two.zip", [("x.txt", b"two")]).read_bytes()
+    server.routes["/c.zip"] = Route(data=first)
+    dest = tmp_path / "dl"
+    out = fetch(RemoteFile("c.zip", (server.url("/c.zip"),), "", None, extract=True), dest,
+                allow_unverified=True, **FAST)
+    assert (out / "x.txt").read_bytes() == b"one"
+    server.routes["/c.zip"] = Route(data=second)  # a new pin: the old archive no longer verifies
+    f = RemoteFile("c.zip", (server.url("/c.zip"),), hashlib.sha256(second).hexdigest(), len(second), extract=True)
+    assert fetch(f, dest, **FAST) == out and (out / "x.txt").read_bytes() == b"two"
+
+
+def test_fetch_of_a_damaged_archive_says_to_delete_it(server, tmp_path):
+    data = b"PK\x03\x04 not really a zip"
+    server.routes["/c.zip"] = Route(data=data)
+    f = RemoteFile("c.zip", (server.url("/c.zip"),), hashlib.sha256(data).hexdigest(), len(data), extract=True)
+    with pytest.raises(PipelineError) as e:
+        fetch(f, tmp_path, **FAST)
+    assert str(tmp_path / "c.zip") in str(e.value) and "delete" in str(e.value)
+    assert not (tmp_path / "c").exists()
