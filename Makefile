@@ -4,6 +4,7 @@
 # Presets (aladin/presets.py), as a DVC experiment with every value set by -S:
 #   make paper [RECIPE=alignment-triplet]             the paper profile (MS-COCO, VinVL), GPU and internet
 #   make exp PROFILE=embedded RECIPE=...              a released recipe on the embedded default
+#   ... EXTRA=site.yaml                               your own overrides last (mirrors, backbone.path, ...)
 #   make released CHECKPOINT=model_best_rsum.pth.tar  the released ALADIN model, evaluated without training
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -41,7 +42,7 @@ paper: exp
 
 exp: setup
 	$(BIN)/dvc config --local core.check_update false
-	$(BIN)/python -m aladin.presets --profile $(PROFILE) --recipe $(RECIPE) --run
+	$(BIN)/python -m aladin.presets --profile $(PROFILE) --recipe $(RECIPE) $(if $(EXTRA),--extra $(EXTRA)) --run
 	@echo
 	@echo "Report: $(CURDIR)/reports/report.html   (compare: dvc exp show --only-changed; dvc metrics diff)"
 
@@ -50,7 +51,7 @@ exp: setup
 released: setup
 	@test -n "$(CHECKPOINT)" || { echo "usage: make released CHECKPOINT=path/to/model_best_rsum.pth.tar"; exit 2; }
 	$(BIN)/dvc config --local core.check_update false
-	$(BIN)/python -m aladin.presets --profile paper --name paper-inputs --run -- features
+	$(BIN)/python -m aladin.presets --profile paper $(if $(EXTRA),--extra $(EXTRA)) --name paper-inputs --run -- features
 	$(BIN)/python -m stages.import_checkpoint --params params.yaml --checkpoint $(CHECKPOINT) \
 		--backbone data/backbone --out models/released
 	$(BIN)/python -m stages.evaluate --params params.yaml --dataset data/dataset --features data/features \

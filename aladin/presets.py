@@ -12,6 +12,7 @@ target: recipes need not repeat what the profile says.
 
     python -m aladin.presets --profile paper --recipe alignment-triplet          # print the -S options
     python -m aladin.presets --profile paper --recipe alignment-triplet --run    # dvc exp run -n paper-...
+    python -m aladin.presets --profile paper --extra my-site.yaml --run          # plus your own overrides
 """
 from __future__ import annotations
 
@@ -52,8 +53,9 @@ def read_overrides(path: Path) -> dict:
     return raw
 
 
-def overrides_for(profile: str, recipe: str | None) -> list[tuple[Path, dict]]:
-    """The preset files of a profile and a recipe, in the order they apply."""
+def overrides_for(profile: str, recipe: str | None, extra: tuple = ()) -> list[tuple[Path, dict]]:
+    """The preset files of a profile, a recipe and any `extra` files (yours: mirrors, local paths, sizes),
+    in the order they apply."""
     if profile not in profile_names():
         raise ConfigError(f"unknown profile {profile!r} (known: {', '.join(profile_names())})")
     if recipe is not None and recipe not in recipe_names():
@@ -61,7 +63,7 @@ def overrides_for(profile: str, recipe: str | None) -> list[tuple[Path, dict]]:
     files = [] if profile == "embedded" else [PRESETS_DIR / f"{profile}.yaml"]
     if recipe is not None:
         files.append(RECIPES_DIR / f"{recipe}.yaml")
-    return [(f, read_overrides(f)) for f in files]
+    return [(f, read_overrides(f)) for f in files + [Path(e) for e in extra]]
 
 
 def apply(raw: dict, overrides: dict, source: str) -> dict:
@@ -138,10 +140,10 @@ def committed_params(params_path: Path) -> dict:
     return yaml.safe_load(text)
 
 
-def target_params(baseline: dict, profile: str, recipe: str | None) -> dict:
-    """The baseline with the profile and the recipe applied, checked by the params loader."""
+def target_params(baseline: dict, profile: str, recipe: str | None, extra: tuple = ()) -> dict:
+    """The baseline with the profile, the recipe and the `extra` files applied, checked by the params loader."""
     target = baseline
-    for path, overrides in overrides_for(profile, recipe):
+    for path, overrides in overrides_for(profile, recipe, extra):
         target = apply(target, overrides, str(path))
     params_from_dict(target, f"{profile} profile" + (f" + recipe {recipe}" if recipe else ""))
     return target
@@ -152,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                                 epilog=f"recipes: {', '.join(recipe_names())}")
     p.add_argument("--profile", default="embedded", help=f"one of {', '.join(profile_names())}")
     p.add_argument("--recipe", default=None, help=f"a released recipe (params.yaml is {DEFAULT_RECIPE})")
+    p.add_argument("--extra", action="append", default=[], metavar="FILE",
+                   help="a further preset file applied last (e.g. local mirrors or paths); repeatable")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--run", action="store_true", help="run `dvc exp run -n <name> -S ...` instead of printing")
     p.add_argument("--name", default=None, help="experiment name (default: <profile>-<recipe>)")
@@ -159,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         params_path = Path(args.params)
-        target = target_params(committed_params(params_path), args.profile, args.recipe)
+        target = target_params(committed_params(params_path), args.profile, args.recipe, tuple(args.extra))
         options = set_options(yaml.safe_load(params_path.read_text()), target)
     except (ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

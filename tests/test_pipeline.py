@@ -96,3 +96,53 @@ def test_temperature_experiment_reruns_only_distillation_onwards(project):
     params = json.loads(run(["dvc", "params", "diff", "--json"], work, env))
     change = params["params.yaml"]["distill.temperature"]
     assert (change["old"], change["new"]) == (6.0, 2.0)
+
+
+def test_paper_profile_end_to_end_on_a_tiny_coco_fixture(project, tmp_path):
+    """`make paper`'s path: the paper profile and a released recipe applied by aladin.presets through
+    `dvc exp run`, on MS-COCO-format archives and a VinVL-format backbone served on loopback.
+
+    Only sizes are shrunk (the extra preset file below): the data source, the downloads with checksums, the
+    VinVL backbone loader, detection-mode feature extraction, the recipe's single training stage with stage 2
+    passing through, evaluation and the report are the paper profile's.
+    """
+    from coco_fixture import checkpoint_files, serve, write_coco_world
+    from loopback import serving
+
+    from aladin.backbone import write_initial_checkpoint
+    from aladin.config import BackboneConfig
+    from aladin.train import WEIGHTS
+
+    work, env = project
+    world = write_coco_world(tmp_path / "upstream", n_train=16, n_restval=4, n_val=6, n_test=8, seed=2)
+    words = {w for image in world["images"] for c in image["captions"] for w in c.lower().rstrip(".").split()}
+    vinvl = tmp_path / "coco_ir"  # a VinVL-format retrieval checkpoint, tiny, with the features' 262-d input
+    write_initial_checkpoint(vinvl, sorted(words), BackboneConfig(hidden_size=32, num_hidden_layers=1,
+                                                                  intermediate_size=64), 262, seed=4)
+    with serving() as server:
+        downloads = serve(server, {**world["files"], **checkpoint_files(vinvl, "vinvl")}, work / "downloads")
+        tiny = {"downloads." + k: v for k, v in downloads.items()} | {
+            "features.blocks": [1, 1, 1, 1], "features.groups": 1, "features.width_per_group": 64,
+            "features.stem_channels": 8, "features.min_size": 64, "features.max_size": 112,
+            "features.batch_size": 16, "features.detector.checkpoint": "", "features.detector.labelmap": "",
+            "model.img_feature_dim": 262, "model.matching_ff": 32,
+            "train_alignment.epochs": 1, "train_alignment.batch_size": 16, "train_alignment.lr": 5.0e-4,
+            "eval.fold_size": 4, "eval.batch_size": 16, "eval.chunk_size": 8, "eval.latency_queries": 4,
+        }
+        (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny))
+        out = run([sys.executable, "-m", "aladin.presets", "--profile", "paper", "--recipe",
+                   "alignment-and-matching-distill", "--extra", str(tmp_path / "tiny.yaml"), "--run"], work, env)
+    assert "dvc exp run -n paper-alignment-and-matching-distill" in out
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    assert (params["data"]["source"], params["backbone"]["init"], params["features"]["mode"]) == \
+        ("coco", "vinvl", "detect")
+    assert params["train_alignment"]["losses"] == ["alignment", "distillation"]
+    metrics = json.loads((work / "metrics/eval.json").read_text())
+    assert metrics["dataset"] == "coco"
+    assert metrics["matching"]["coco_5k"]["n_images"] == 8 and metrics["matching"]["coco_1k_5fold"]["n_folds"] == 2
+    # The backbone is the served VinVL folder's weights (loaded strictly), and stage 2 passed stage 1 through.
+    assert (work / "data/backbone/vocab.txt").read_bytes() == (vinvl / "vocab.txt").read_bytes()
+    assert (work / "models/distill" / WEIGHTS).read_bytes() == (work / "models/alignment" / WEIGHTS).read_bytes()
+    assert (work / "reports/report.html").is_file()
+    shown = run(["dvc", "exp", "show", "--no-pager", "--csv"], work, env)
+    assert "paper-alignment-and-matching-distill" in shown
