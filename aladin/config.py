@@ -214,6 +214,23 @@ class EvalConfig:
     chunk_size: int = 32  # gallery items per alignment-scoring chunk
     latency_queries: int = 50  # caption queries timed per head
     qualitative_queries: int = 6
+    rerank_k: tuple[int, ...] = (10, 50, 100)  # matching-head shortlist sizes re-ranked by the alignment head
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """The benchmark stage: measured per-query cost of each retrieval mode (ALADIN.md 8)."""
+
+    device: str = "auto"  # auto | cpu | cuda[:n]
+    threads: int = 1  # torch and FAISS threads while timing; 0 = library defaults
+    latency_queries: int = 50
+    rerank_k: tuple[int, ...] = (10, 50, 100)
+    crossencoder_pairs: int = 512  # (caption, image) pairs timed through the joint forward
+    crossencoder_batch_size: int = 64
+    sweep_max: int = 100000  # largest synthetic gallery of the FAISS sweep (paper profile: 1000000)
+    sweep_queries: int = 100
+    sweep_timed_queries: int = 50
+    sweep_target_recall: float = 0.95  # approximate index tuned to reach this recall@10 against exact
 
 
 @dataclass(frozen=True)
@@ -233,6 +250,7 @@ class Params:
     train_alignment: TrainConfig = field(default_factory=_stage1)
     distill: TrainConfig = field(default_factory=_stage2)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
 
@@ -378,6 +396,13 @@ def _check(p: Params, source: str) -> None:
              f"{section}.loss_weights must have one weight per loss ({len(cfg.losses)}), got {len(cfg.loss_weights)}")
         need(not (cfg.freeze_backbone and "alignment" in cfg.losses),
              f"{section}: the alignment loss trains only the backbone, which freeze_backbone freezes")
+    need(all(k >= 1 for k in p.eval.rerank_k) and all(k >= 1 for k in p.benchmark.rerank_k),
+         "eval.rerank_k and benchmark.rerank_k must be >= 1")
+    b = p.benchmark
+    need(b.threads >= 0, "benchmark.threads must be >= 0")
+    need(min(b.sweep_max, b.crossencoder_pairs, b.crossencoder_batch_size, b.latency_queries, b.sweep_queries,
+             b.sweep_timed_queries) >= 1, "benchmark sizes and counts must be >= 1")
+    need(0 < b.sweep_target_recall <= 1, "benchmark.sweep_target_recall must be in (0, 1]")
     need(p.features.source != "vinvl_dump" or p.features.dump_dir,
          "features.source is vinvl_dump but features.dump_dir is empty")
 

@@ -1,4 +1,4 @@
-"""The evaluate stage's work: both heads on the test split, every protocol, latency, qualitative top-k."""
+"""The evaluate stage's work: both heads and re-ranking on the test split, every protocol, latency, qualitative top-k."""
 from __future__ import annotations
 
 import platform
@@ -8,33 +8,54 @@ import torch
 from .config import EvalConfig
 from .evaluation import evaluate_protocol
 from .model import Aladin
+from .ndcg import rouge_l_relevance
 from .retrieval import EncodedSplit, alignment_similarities, matching_similarities, measure_latency, top_images
 from .splits import SplitInputs
 
 SCHEMA_VERSION = 1
+DEFAULT_RERANK_K = (10, 50, 100)  # used until params.yaml has eval.rerank_k
+PROTOCOLS = ("coco_1k_5fold", "coco_5k")
+
+
+def rerank_ks(cfg: EvalConfig) -> tuple[int, ...]:
+    """The shortlist sizes of the re-ranking mode: `eval.rerank_k`, or the default while params lack it."""
+    return tuple(getattr(cfg, "rerank_k", DEFAULT_RERANK_K))
 
 
 def recall_metrics(model: Aladin, split: SplitInputs, enc: EncodedSplit, cfg: EvalConfig,
                    dataset: str) -> tuple[dict, dict]:
-    """Metrics of both heads under both protocols, and the similarity matrices they came from.
+    """Metrics of every retrieval mode under both protocols, and the similarity matrices they came from.
 
     `coco_1k_5fold` is the mean over sequential folds of `eval.fold_size` images (COCO: 5 x 1000);
     `coco_5k` is the whole test split (ALADIN.md 7.5). Under the synthetic profile the names mean the
-    scaled-down analogues; `n_images` and `n_folds` say what was evaluated.
+    scaled-down analogues; `n_images` and `n_folds` say what was evaluated. Modes: `matching`,
+    `alignment` and `rerank@k` (the matching head's k best re-scored by the alignment head, k capped by
+    each gallery, i.e. each fold). Every record has NDCG@25 with ROUGE-L relevance (ALADIN.md 7.6).
     """
     sims = {"matching": matching_similarities(enc), "alignment": alignment_similarities(model, enc, cfg.chunk_size)}
+    matching, alignment = sims["matching"].cpu().numpy(), sims["alignment"].cpu().numpy()
+    relevance = rouge_l_relevance(split.captions, split.image_of_caption.numpy(), len(split.images))  # (M, N)
+    modes = {"matching": (matching, None), "alignment": (alignment, None)}
+    for k in rerank_ks(cfg):
+        modes[f"rerank@{k}"] = (matching, (alignment, k))
     out = {"schema_version": SCHEMA_VERSION, "dataset": dataset, "split": "test"}
-    for head, s in sims.items():
+    for head, (s, rerank) in modes.items():
         out[head] = {}
-        for protocol, fold_size in (("coco_1k_5fold", cfg.fold_size), ("coco_5k", None)):
-            record = evaluate_protocol(s, split.image_of_caption, fold_size=fold_size, protocol=protocol)
+        for protocol, fold_size in zip(PROTOCOLS, (cfg.fold_size, None)):
+            record = evaluate_protocol(s, split.image_of_caption, fold_size=fold_size, protocol=protocol,
+                                       relevance=relevance, rerank=rerank)
             out[head][protocol] = dict(record, head=head)
     return out, sims
 
 
 def latency_metrics(model: Aladin, split: SplitInputs, enc: EncodedSplit, cfg: EvalConfig) -> dict:
-    timing = measure_latency(model, split, enc, cfg.latency_queries, cfg.chunk_size)
-    return dict(timing, device="cpu", processor=platform.processor() or platform.machine(),
+    """Per-query latency of every mode (query encoding included), with what was measured where."""
+    timing = measure_latency(model, split, enc, cfg.latency_queries, cfg.chunk_size, rerank_k=rerank_ks(cfg))
+    device = enc.img_emb.device
+    processor = platform.processor() or platform.machine()
+    return dict(timing, device=device.type,
+                device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else processor,
+                processor=processor,
                 torch_version=torch.__version__, threads=torch.get_num_threads(),
                 n_images=len(split.images), n_captions=len(split.texts), includes_query_encoding=True,
                 gallery_encoding="precomputed")

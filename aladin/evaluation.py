@@ -11,6 +11,13 @@ Definitions (mesnico/ALADIN `alad/recall_auxiliary.py`, same as TERAN `evaluatio
 - t2i rank of caption c: the 0-based rank of its image among the N images by sims[:, c].
 - R@K = 100 x fraction of queries with rank < K; medr = floor(median rank) + 1; meanr = mean rank + 1.
 
+Re-ranking (`rerank=(alignment_sims, k)` in `evaluate_protocol`; ALADIN.md 7.3 names it as an extension):
+each query's k best items by the first-stage (matching) score form a shortlist, re-scored by the alignment
+head and ranked above the rest, which keep their first-stage order. A ranking key is then (tier, score):
+tier 1 for the shortlist, 0 elsewhere; `i2t_ranks`/`t2i_ranks` take the tier as an optional argument.
+The shortlist holds every item scoring at least the k-th best score, so a tie at its edge lets in all
+tied items (a deployed top-k would pick k of them arbitrarily).
+
 Ties go AGAINST the positive: a negative that scores exactly as high as the positive ranks above it.
 The original ranks with argsort, which breaks ties in an arbitrary order. Ties are not hypothetical
 here: with the original zero-fill (quirk Q7) a collapsed alignment head scores every pair exactly 0,
@@ -23,7 +30,10 @@ import math
 
 import numpy as np
 
+from .ndcg import RANK, SPICE_ABSENT, mean_ndcg_i2t, mean_ndcg_t2i, ndcg_per_query
+
 KS = (1, 5, 10)
+NDCG_KEYS = ("ndcg_rougeL_i2t", "ndcg_rougeL_t2i")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -72,28 +82,61 @@ def _as_image_of_caption(image_of_caption, n_images: int, n_captions: int) -> np
 # Ranks and recalls
 
 
-def i2t_ranks(sims, image_of_caption=None) -> np.ndarray:
-    """int64 `[N]`: for each image, the best 0-based rank among its captions (ties go against it)."""
+def _as_tier(tier, shape) -> np.ndarray | None:
+    if tier is None:
+        return None
+    if hasattr(tier, "detach"):
+        tier = tier.detach().cpu().numpy()
+    tier = np.asarray(tier)
+    if tier.shape != shape:
+        raise ValueError(f"tier must have the shape of sims {shape}, got {tier.shape}")
+    return tier.astype(np.int8)
+
+
+def i2t_ranks(sims, image_of_caption=None, tier=None) -> np.ndarray:
+    """int64 `[N]`: for each image, the best 0-based rank among its captions (ties go against it).
+
+    `tier` (optional, `[N, M]`): the ranking key is (tier, sims), compared lexicographically.
+    """
     sims = _as_sims(sims)
     n_images, n_captions = sims.shape
     ioc = _as_image_of_caption(image_of_caption, n_images, n_captions)
-    positive = sims[ioc, np.arange(n_captions)]  # (M,), score of each caption with its own image
-    best = np.full(n_images, -np.inf, dtype=sims.dtype)  # (N,)
+    tier = _as_tier(tier, sims.shape)
+    cols = np.arange(n_captions)
+    foreign = ioc[None, :] != np.arange(n_images)[:, None]  # (N, M)
+    positive = sims[ioc, cols]  # (M,), score of each caption with its own image
+    if tier is not None:
+        own_tier = tier[ioc, cols]  # (M,)
+        best_tier = np.full(n_images, -1, dtype=np.int8)  # (N,)
+        np.maximum.at(best_tier, ioc, own_tier)
+        # only own captions in the image's best tier compete for its best-ranked positive
+        positive = np.where(own_tier == best_tier[ioc], positive, -np.inf)
+    best = np.full(n_images, -np.inf, dtype=np.float64)  # (N,)
     np.maximum.at(best, ioc, positive)  # best-scored own caption per image
     # The best-ranked positive is the best-scored one; foreign captions scoring at least as high rank
     # above it (no own caption scores strictly higher, by definition of `best`).
-    foreign = ioc[None, :] != np.arange(n_images)[:, None]  # (N, M)
-    return ((sims >= best[:, None]) & foreign).sum(axis=1).astype(np.int64)  # (N,)
+    above = sims >= best[:, None]  # (N, M)
+    if tier is not None:
+        above = (tier > best_tier[:, None]) | ((tier == best_tier[:, None]) & above)
+    return (above & foreign).sum(axis=1).astype(np.int64)  # (N,)
 
 
-def t2i_ranks(sims, image_of_caption=None) -> np.ndarray:
-    """int64 `[M]`: for each caption, the 0-based rank of its image among the N images (ties go against it)."""
+def t2i_ranks(sims, image_of_caption=None, tier=None) -> np.ndarray:
+    """int64 `[M]`: for each caption, the 0-based rank of its image among the N images (ties go against it).
+
+    `tier` (optional, `[N, M]`): the ranking key is (tier, sims), compared lexicographically.
+    """
     sims = _as_sims(sims)
     n_images, n_captions = sims.shape
     ioc = _as_image_of_caption(image_of_caption, n_images, n_captions)
-    positive = sims[ioc, np.arange(n_captions)]  # (M,)
-    # Every image scoring at least as high, minus the caption's own image (which always does).
-    return ((sims >= positive[None, :]).sum(axis=0) - 1).astype(np.int64)  # (M,)
+    tier = _as_tier(tier, sims.shape)
+    cols = np.arange(n_captions)
+    above = sims >= sims[ioc, cols][None, :]  # (N, M)
+    if tier is not None:
+        own_tier = tier[ioc, cols][None, :]  # (1, M)
+        above = (tier > own_tier) | ((tier == own_tier) & above)
+    # Every image ranking at least as high, minus the caption's own image (which always does).
+    return (above.sum(axis=0) - 1).astype(np.int64)  # (M,)
 
 
 def recall_summary(ranks) -> dict:
@@ -153,18 +196,59 @@ def chance_metrics(image_of_caption: np.ndarray, n_images: int) -> dict:
 # Protocols
 
 
-def _record(sims: np.ndarray, ioc: np.ndarray) -> dict:
-    i2t_m = recall_summary(i2t_ranks(sims, ioc))
-    t2i_m = recall_summary(t2i_ranks(sims, ioc))
-    return {"n_images": int(sims.shape[0]), "n_captions": int(sims.shape[1]), "i2t": i2t_m, "t2i": t2i_m,
-            "rsum": rsum(i2t_m, t2i_m), "chance": chance_metrics(ioc, sims.shape[0])}
+def shortlist(sims: np.ndarray, k: int, axis: int) -> np.ndarray:
+    """bool, the shape of `sims`: per query, the items scoring at least the query's k-th best score.
+
+    axis 0: caption queries (columns) over images; axis 1: image queries (rows) over captions. k is
+    capped at the gallery size; ties at the edge are all kept (see the module docstring).
+    """
+    k = min(k, sims.shape[axis])
+    kth = -np.partition(-sims, k - 1, axis=axis).take([k - 1], axis=axis)  # (1, M) or (N, 1)
+    return sims >= kth
+
+
+def _record(sims: np.ndarray, ioc: np.ndarray, relevance: np.ndarray | None = None,
+            rerank: tuple[np.ndarray, int] | None = None) -> dict:
+    """Metrics of one gallery: `sims` `[N, M]`, relevance `[M, N]`, rerank = (alignment sims `[N, M]`, k)."""
+    if rerank is None:
+        keys = {"i2t": (sims, None), "t2i": (sims, None)}
+    else:
+        align, k = rerank
+        keys = {}
+        for direction, axis in (("i2t", 1), ("t2i", 0)):
+            tier = shortlist(sims, k, axis)
+            keys[direction] = (np.where(tier, align, sims), tier)  # the shortlist re-scored
+    (i2t_v, i2t_tier), (t2i_v, t2i_tier) = keys["i2t"], keys["t2i"]
+    i2t_m = recall_summary(i2t_ranks(i2t_v, ioc, tier=i2t_tier))
+    t2i_m = recall_summary(t2i_ranks(t2i_v, ioc, tier=t2i_tier))
+    out = {"n_images": int(sims.shape[0]), "n_captions": int(sims.shape[1]), "i2t": i2t_m, "t2i": t2i_m,
+           "rsum": rsum(i2t_m, t2i_m), "chance": chance_metrics(ioc, sims.shape[0])}
+    if relevance is not None:
+        # image queries rank captions (rows of sims, relevance transposed); caption queries rank images
+        out["ndcg_rougeL_i2t"] = mean_ndcg_i2t(ndcg_per_query(i2t_v, relevance.T, RANK, i2t_tier))
+        out["ndcg_rougeL_t2i"] = mean_ndcg_t2i(ndcg_per_query(t2i_v.T, relevance, RANK,
+                                                             None if t2i_tier is None else t2i_tier.T))
+    if rerank is not None:
+        out["shortlist"] = {"i2t": min(rerank[1], sims.shape[1]), "t2i": min(rerank[1], sims.shape[0])}
+    return out
 
 
 def _mean_of(records: list[dict], key: str) -> dict:
     return {name: float(np.mean([r[key][name] for r in records])) for name in records[0][key]}
 
 
-def evaluate_protocol(sims, image_of_caption=None, fold_size: int | None = None, protocol: str = "coco_5k") -> dict:
+def _as_relevance(relevance, n_images: int, n_captions: int) -> np.ndarray | None:
+    if relevance is None:
+        return None
+    relevance = np.asarray(relevance)  # float32 from rouge_l_relevance: 0.5 GB for COCO 5K, kept as is
+    if relevance.shape != (n_captions, n_images):
+        raise ValueError(f"relevance must be [n_captions, n_images] = [{n_captions}, {n_images}], "
+                         f"got shape {relevance.shape}")
+    return relevance
+
+
+def evaluate_protocol(sims, image_of_caption=None, fold_size: int | None = None, protocol: str = "coco_5k",
+                      relevance=None, rerank=None) -> dict:
     """One metrics record (DVC_AND_NOTEBOOKS.md 9.2) for a retrieval protocol (ALADIN.md 7.5).
 
     Without `fold_size`: the whole matrix, n_folds 1. With `fold_size`: images are split in order into
@@ -175,15 +259,38 @@ def evaluate_protocol(sims, image_of_caption=None, fold_size: int | None = None,
     when folds differ in caption count), and "folds" holds each fold's record keyed "0", "1", ... (an
     object, because DVC drops lists).
 
+    Args:
+        relevance: optional `[M, N]` graded relevance of caption m for image n (`aladin.ndcg.
+            rouge_l_relevance`): adds `ndcg_rougeL_i2t`/`ndcg_rougeL_t2i` (NDCG@25, per fold then the
+            mean) and `ndcg_spice` = the reason it is absent.
+        rerank: optional (alignment sims `[N, M]`, k): `sims` is then the first-stage (matching) score
+            and each gallery's (fold's) k best items per query are re-scored by the alignment sims.
+
     Returns:
-        {"protocol", "n_images", "n_captions", "n_folds", "i2t", "t2i", "rsum", "chance"[, "folds"]};
+        {"protocol", "n_images", "n_captions", "n_folds", "i2t", "t2i", "rsum", "chance"[, "folds"]
+        [, "ndcg_rougeL_i2t", "ndcg_rougeL_t2i", "ndcg_spice"][, "rerank_k", "shortlist"]};
         chance = expected R@K and rsum of a uniformly random ranking. Python floats and ints only.
     """
     sims = _as_sims(sims)
     n_images, n_captions = sims.shape
     ioc = _as_image_of_caption(image_of_caption, n_images, n_captions)
+    relevance = _as_relevance(relevance, n_images, n_captions)
+    align = None
+    if rerank is not None:
+        align, k = rerank
+        align = _as_sims(align)
+        if align.shape != sims.shape:
+            raise ValueError(f"rerank scores must have the shape of sims {sims.shape}, got {align.shape}")
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"rerank k must be a positive integer, got {k!r}")
+    extra = {}
+    if relevance is not None:
+        extra["ndcg_spice"] = SPICE_ABSENT
+    if rerank is not None:
+        extra["rerank_k"] = k
     if fold_size is None:
-        return {"protocol": protocol, "n_folds": 1, **_record(sims, ioc)}
+        record = _record(sims, ioc, relevance, None if align is None else (align, k))
+        return {"protocol": protocol, "n_folds": 1, **record, **extra}
 
     if not isinstance(fold_size, int) or isinstance(fold_size, bool) or not 1 <= fold_size <= n_images:
         raise ValueError(f"fold_size must be an integer in [1, {n_images}] (the number of images), got {fold_size!r}")
@@ -191,13 +298,16 @@ def evaluate_protocol(sims, image_of_caption=None, fold_size: int | None = None,
     folds = []
     for f in range(n_folds):
         first = f * fold_size
+        images = slice(first, first + fold_size)
         captions = np.flatnonzero((ioc >= first) & (ioc < first + fold_size))  # (m_f,), original order
-        folds.append(_record(sims[first:first + fold_size][:, captions], ioc[captions] - first))
+        folds.append(_record(sims[images][:, captions], ioc[captions] - first,
+                             None if relevance is None else relevance[captions][:, images],
+                             None if align is None else (align[images][:, captions], k)))
 
     i2t_m, t2i_m = _mean_of(folds, "i2t"), _mean_of(folds, "t2i")
     chance_i2t, chance_t2i = _mean_of([r["chance"] for r in folds], "i2t"), _mean_of([r["chance"] for r in folds], "t2i")
     mean_captions = float(np.mean([r["n_captions"] for r in folds]))
-    return {
+    out = {
         "protocol": protocol,
         "n_images": fold_size,
         "n_captions": int(mean_captions) if mean_captions.is_integer() else mean_captions,
@@ -206,6 +316,14 @@ def evaluate_protocol(sims, image_of_caption=None, fold_size: int | None = None,
         "t2i": t2i_m,
         "rsum": rsum(i2t_m, t2i_m),
         "chance": {"i2t": chance_i2t, "t2i": chance_t2i, "rsum": rsum(chance_i2t, chance_t2i)},
-        "folds": {str(f): {k: r[k] for k in ("n_images", "n_captions", "i2t", "t2i", "rsum")}
+        "folds": {str(f): {key: r[key] for key in ("n_images", "n_captions", "i2t", "t2i", "rsum", *NDCG_KEYS)
+                           if key in r}
                   for f, r in enumerate(folds)},
+        **extra,
     }
+    for key in NDCG_KEYS:
+        if relevance is not None:
+            out[key] = float(np.mean([r[key] for r in folds]))
+    if align is not None:
+        out["shortlist"] = folds[0]["shortlist"]  # equal sized folds: t2i equal; i2t per the first fold
+    return out

@@ -1,9 +1,11 @@
 """Evaluate both heads of the distilled model on the test split.
 
-Recall (i2t and t2i R@1/5/10, medr, meanr, rsum) for the matching head (kNN in the common space) and the
-alignment head (brute-force MrSw), under the fold-mean protocol (`eval.fold_size` images per fold, the
-"1K" analogue) and the whole split (the "5K" analogue); per-query search latency of each head; the top-k
-images of a few caption queries for the report.
+Recall (i2t and t2i R@1/5/10, medr, meanr, rsum) and NDCG@25 with ROUGE-L relevance for the matching head
+(kNN in the common space), the alignment head (brute-force MrSw) and re-ranking (`rerank@k`: the matching
+head's k best re-scored by the alignment head, for each k of eval.rerank_k), under the fold-mean protocol
+(`eval.fold_size` images per fold, the "1K" analogue) and the whole split (the "5K" analogue); per-query
+search latency of each mode; the top-k images of a few caption queries for the report. SPICE relevance
+is reported as absent (it needs Java and the SPICE jar).
 
 Reads   --dataset DIR, --features DIR, --model DIR (output of train_distill),
         params.yaml sections data, model, compat, eval, report
@@ -56,10 +58,11 @@ def main(argv=None) -> int:
         write_json(args.metrics, metrics)
         write_json(args.latency, latency)
         write_json(args.qualitative, examples)
-        for head in ("matching", "alignment"):
+        for head in (h for h in metrics if isinstance(metrics[h], dict)):
             m = metrics[head]
-            print(f"{head:9s} rsum {m['coco_1k_5fold']['rsum']:6.1f} (folds of {params.eval.fold_size})  "
-                  f"{m['coco_5k']['rsum']:6.1f} (all {len(test.images)})  "
+            print(f"{head:11s} rsum {m['coco_1k_5fold']['rsum']:6.1f} (folds of {params.eval.fold_size})  "
+                  f"{m['coco_5k']['rsum']:6.1f} (all {len(test.images)})  NDCG@25 ROUGE-L i2t "
+                  f"{m['coco_5k']['ndcg_rougeL_i2t']:.3f} t2i {m['coco_5k']['ndcg_rougeL_t2i']:.3f}  "
                   f"t2i latency {latency[head]['t2i']['median_ms']:.2f} ms/query "
                   f"(search alone {latency[head]['t2i']['search_median_ms']:.3f} ms)")
         return 0

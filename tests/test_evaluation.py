@@ -185,3 +185,116 @@ def test_chance_matches_monte_carlo():
         for k in ev.KS:
             estimate = np.mean([r[d][f"r{k}"] for r in runs])
             assert estimate == pytest.approx(chance[direction][f"r{k}"], abs=2.0), (direction, k)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Re-ranking and NDCG inside a protocol
+
+
+def naive_rerank_ranks(match, align, ioc, k):
+    """Python loops: per query, the shortlist is every item scoring >= the k-th best matching score;
+    shortlisted items rank first by alignment score, the rest after by matching score; ties against the
+    positive (an item whose key equals the positive's ranks above it)."""
+    match, align = np.asarray(match), np.asarray(align)
+    n, m = match.shape
+
+    def key(short, i, c):
+        return (1, align[i, c]) if short else (0, match[i, c])
+
+    t2i = []
+    for c in range(m):
+        kth = sorted(match[:, c], reverse=True)[min(k, n) - 1]
+        keys = [key(match[i, c] >= kth, i, c) for i in range(n)]
+        t2i.append(sum(1 for i in range(n) if i != ioc[c] and keys[i] >= keys[ioc[c]]))
+    i2t = []
+    for i in range(n):
+        kth = sorted(match[i], reverse=True)[min(k, m) - 1]
+        keys = [key(match[i, c] >= kth, i, c) for c in range(m)]
+        best = max(keys[c] for c in range(m) if ioc[c] == i)
+        i2t.append(sum(1 for c in range(m) if ioc[c] != i and keys[c] >= best))
+    return np.array(i2t), np.array(t2i)
+
+
+@pytest.mark.parametrize("k", [1, 3, 8, 50])
+def test_rerank_ranks_match_naive_loops_with_ties(k):
+    n, per = 8, 3
+    ioc = shuffled_layout(n, per, seed=10).numpy()
+    rng = np.random.default_rng(k)
+    match = rng.integers(0, 4, size=(n, n * per)).astype(np.float64)  # ties, also at the shortlist edge
+    align = rng.integers(0, 4, size=(n, n * per)).astype(np.float64)
+    record = ev.evaluate_protocol(match, ioc, rerank=(align, k))
+    slow_i2t, slow_t2i = naive_rerank_ranks(match, align, ioc, k)
+    assert record["i2t"] == ev.recall_summary(slow_i2t)
+    assert record["t2i"] == ev.recall_summary(slow_t2i)
+    assert record["rerank_k"] == k and record["shortlist"] == {"i2t": min(k, n * per), "t2i": min(k, n)}
+
+
+def test_rerank_limits_are_the_two_heads():
+    n, per = 10, 5
+    ioc = shuffled_layout(n, per, seed=11)
+    gen = torch.Generator().manual_seed(12)
+    match, align = torch.randn(n, n * per, generator=gen), torch.randn(n, n * per, generator=gen)
+    full = ev.evaluate_protocol(match, ioc, rerank=(align, n * per))  # every item shortlisted
+    alone = ev.evaluate_protocol(align, ioc)
+    assert (full["i2t"], full["t2i"]) == (alone["i2t"], alone["t2i"])
+    # a shortlist of one keeps the matching head's top item, so R@1 is the matching head's
+    top1 = ev.evaluate_protocol(match, ioc, rerank=(align, 1))
+    plain = ev.evaluate_protocol(match, ioc)
+    assert top1["t2i"]["r1"] == plain["t2i"]["r1"] and top1["i2t"]["r1"] == plain["i2t"]["r1"]
+    assert top1["t2i"] != alone["t2i"]
+
+
+def test_fold_protocol_reranks_and_scores_ndcg_within_each_fold():
+    from aladin import ndcg
+
+    n, per, fold, k = 12, 3, 4, 2
+    ioc = shuffled_layout(n, per, seed=13).numpy()
+    gen = torch.Generator().manual_seed(14)
+    match, align = torch.randn(n, n * per, generator=gen).numpy(), torch.randn(n, n * per, generator=gen).numpy()
+    relevance = np.round(np.random.default_rng(15).random((n * per, n)), 2)  # (captions, images)
+    record = ev.evaluate_protocol(match, ioc, fold_size=fold, protocol="coco_1k_5fold",
+                                  relevance=relevance, rerank=(align, k))
+    folds = []
+    for f in range(n // fold):
+        images = np.arange(f * fold, (f + 1) * fold)
+        captions = np.flatnonzero(np.isin(ioc, images))
+        sub_ioc = ioc[captions] - f * fold
+        m_sub, a_sub = match[images][:, captions], align[images][:, captions]
+        slow_i2t, slow_t2i = naive_rerank_ranks(m_sub, a_sub, sub_ioc, k)  # shortlist within the fold
+        rel = relevance[captions][:, images]
+        # NDCG on the re-ranked orders: shortlisted items first (tier), by alignment, then by matching
+        tier_t2i = m_sub >= -np.sort(-m_sub, axis=0)[k - 1][None, :]
+        tier_i2t = m_sub >= -np.sort(-m_sub, axis=1)[:, k - 1][:, None]
+        t2i_nd = ndcg.ndcg_per_query(np.where(tier_t2i, a_sub, m_sub).T, rel, 25, tier_t2i.T)
+        i2t_nd = ndcg.ndcg_per_query(np.where(tier_i2t, a_sub, m_sub), rel.T, 25, tier_i2t)
+        folds.append({"i2t": ev.recall_summary(slow_i2t), "t2i": ev.recall_summary(slow_t2i),
+                      "ndcg_rougeL_i2t": float(i2t_nd[i2t_nd != 0].mean()), "ndcg_rougeL_t2i": float(t2i_nd.mean())})
+        got = record["folds"][str(f)]
+        assert (got["i2t"], got["t2i"]) == (folds[-1]["i2t"], folds[-1]["t2i"])
+        assert got["ndcg_rougeL_i2t"] == pytest.approx(folds[-1]["ndcg_rougeL_i2t"])
+        assert got["ndcg_rougeL_t2i"] == pytest.approx(folds[-1]["ndcg_rougeL_t2i"])
+    for key in ("ndcg_rougeL_i2t", "ndcg_rougeL_t2i"):
+        assert record[key] == pytest.approx(np.mean([f[key] for f in folds]))
+    assert record["ndcg_spice"].startswith("absent")
+    assert json.loads(json.dumps(record)) == record
+
+
+def test_ndcg_of_a_plain_head_matches_naive_sorting():
+    n, per = 5, 4
+    ioc = shuffled_layout(n, per, seed=16).numpy()
+    sims = np.random.default_rng(17).integers(0, 3, size=(n, n * per)).astype(float)  # ties
+    relevance = np.random.default_rng(18).random((n * per, n)) * (np.random.default_rng(19).random((n * per, n)) < 0.5)
+    record = ev.evaluate_protocol(sims, ioc, relevance=relevance)
+
+    def ndcg_row(scores, rel):
+        order = sorted(range(len(scores)), key=lambda j: (-scores[j], rel[j]))[:25]
+        dcg = sum((2 ** rel[j] - 1) / np.log2(p + 2) for p, j in enumerate(order))
+        idcg = sum((2 ** r - 1) / np.log2(p + 2) for p, r in enumerate(sorted(rel, reverse=True)[:25]))
+        return dcg / idcg if idcg else 0.0
+
+    t2i = [ndcg_row(sims[:, c], relevance[c]) for c in range(n * per)]
+    i2t = [ndcg_row(sims[i], relevance[:, i]) for i in range(n)]
+    assert record["ndcg_rougeL_t2i"] == pytest.approx(np.mean(t2i))
+    assert record["ndcg_rougeL_i2t"] == pytest.approx(np.mean([v for v in i2t if v != 0]))
+    with pytest.raises(ValueError, match="relevance must be"):
+        ev.evaluate_protocol(sims, ioc, relevance=relevance.T)
