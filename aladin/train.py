@@ -1,20 +1,34 @@
-"""Training ALADIN's two stages with one loop.
+"""Training ALADIN: one loop for every recipe of the original code (ALADIN.md 3, 4, 5).
 
-Stage 1 (`train_alignment`, recipe alad-alignment-triplet): the whole backbone trains under the hinge
-loss with hardest negatives on the alignment head's MrSw scores. Stage 2 (`train_distill`, recipe
-alad-matching-distill-finetune): the backbone is frozen and only the matching head trains, by ListNet
-distillation of the (detached) alignment scores, or by the hinge loss on its own cosine scores.
+A stage's recipe is a `TrainConfig` (the original's `loss-type`, `loss-weights`, `freeze-teran`, ...) with the
+quirk switches of `CompatConfig`. Its loss is sum_k loss_weights[k] * L_k over `losses`:
 
-Adam (no weight decay), epoch-level StepLR, gradient clipping on all parameters, validation rsum every
-epoch, best checkpoint kept (ALADIN.md 5). The loop knows nothing of DVC: it reports through a callback.
+    alignment      hinge triplet (hardest negatives) on the alignment head's MrSw scores S_align (B, B)
+    matching       hinge triplet on the matching head's cosine scores S_match (B, B)
+    distillation   ListNet from the detached S_align (teacher) to temperature * S_match (student)
+
+S_align is computed once per batch when alignment or distillation is in `losses` (ALADIN.md 3.2).
+`freeze_backbone` runs the backbone under no_grad with its weights frozen (only the matching head trains);
+otherwise everything trains and distillation also reaches the backbone through the student's input tokens.
+
+Adam (no weight decay; fused on CUDA), epoch-level StepLR, gradient clipping on all parameters, optional
+bf16 autocast, validation rsum of both heads every epoch, the best checkpoint kept (ALADIN.md 5). After
+every epoch a resume state (safetensors + JSON, never a pickle) can be written; a run started again with
+the same fingerprint continues from the next epoch and ends with the same weights. Under torchrun the
+global batch is split across ranks and the scores are global (`aladin.distributed`). The loop knows
+nothing of DVC: it reports through callbacks.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -22,21 +36,27 @@ from safetensors.torch import load_file, save_file
 
 from .backbone import OscarBackbone, load_config, load_state_exactly
 from .config import CompatConfig, ModelConfig, TrainConfig
+from .distributed import Distributed, average_gradients, gather_rows, gather_tensors
 from .evaluation import i2t, rsum, t2i
 from .io import PipelineError, atomic_path
 from .losses import hinge_triplet, listnet_distillation
-from .model import Aladin
+from .model import Aladin, AlignmentSet, Tokens
+from .pairs import batch_inputs
 from .retrieval import alignment_similarities, encode_split, matching_similarities
-from .splits import SplitInputs, batches, training_pairs
+from .splits import SplitInputs
+from .tokenization import ImageInputs, TextInputs
 
 WEIGHTS = "model.safetensors"
 META = "training.json"
+LOSS_CHECK_EVERY = 16  # steps between checks that the loss is finite (each check waits for the GPU)
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    # cuBLAS is deterministic only with a fixed workspace; it must be set before CUDA starts.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
@@ -50,111 +70,392 @@ def validate(model: Aladin, split: SplitInputs, batch_size: int, chunk_size: int
     result = {}
     for head, sims in (("matching", matching_similarities(enc)),
                        ("alignment", alignment_similarities(model, enc, chunk_size))):
+        sims = sims.float().cpu()  # (N_images, N_captions)
         a, b = i2t(sims, split.image_of_caption), t2i(sims, split.image_of_caption)
         result[head] = {"rsum": rsum(a, b), "i2t_r1": a["r1"], "t2i_r1": b["r1"]}
     return result
 
 
 # ---------------------------------------------------------------------------------------------------
-# One loop for both stages
+# Recipes
 
 
-@dataclass
-class Stage:
-    name: str  # "alignment" or "distill"
+@dataclass(frozen=True)
+class Recipe:
+    """What one training stage does, from its `TrainConfig` section and the compat switches."""
+
+    losses: tuple[str, ...]
+    loss_weights: tuple[float, ...]
+    freeze_backbone: bool
     epochs: int
-    batch_size: int
     lr: float
     lr_step: int
     lr_gamma: float
     grad_clip: float
-    loss: Callable  # (model, images, texts) -> scalar loss
-    selection: Callable  # validation dict -> the number that picks the best checkpoint
-    frozen_backbone: bool
+    margin: float
+    max_violation: bool
+    temperature: float
+    activate_distillation_after: int
+    precision: str
+    val_rsum_sum_heads: bool  # compat Q8
+    frozen_backbone_dropout: bool  # compat Q9
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, compat: CompatConfig) -> "Recipe":
+        return cls(cfg.losses, cfg.loss_weights, cfg.freeze_backbone, cfg.epochs, cfg.lr, cfg.lr_step,
+                   cfg.lr_gamma, cfg.grad_clip, cfg.margin, cfg.max_violation, cfg.temperature,
+                   cfg.activate_distillation_after, cfg.precision, compat.val_rsum_sum_heads,
+                   compat.frozen_backbone_dropout)
+
+    def active_losses(self, epoch: int) -> tuple[str, ...]:
+        """The losses of `epoch`: distillation waits `activate_distillation_after` epochs when it is not the
+        only loss (ALADIN.md 3.5; the original never read the key, Q2)."""
+        if epoch < self.activate_distillation_after and len(self.losses) > 1:
+            return tuple(k for k in self.losses if k != "distillation")
+        return self.losses
+
+    def trained_heads(self) -> list[str]:
+        heads = ["alignment"] if "alignment" in self.losses else []
+        if "matching" in self.losses or "distillation" in self.losses:
+            heads.append("matching")
+        return heads
+
+    def selection_rsum(self, val: dict) -> float:
+        """The number that picks the best checkpoint (quirk Q8).
+
+        Original (`val_rsum_sum_heads`): matching rsum, plus alignment rsum when the alignment loss runs,
+        even when the matching head is not trained. Otherwise: the sum over the heads this stage trains.
+        """
+        if self.val_rsum_sum_heads:
+            return val["matching"]["rsum"] + (val["alignment"]["rsum"] if "alignment" in self.losses else 0.0)
+        return sum(val[head]["rsum"] for head in self.trained_heads())
+
+    def prepare(self, model: Aladin) -> list[torch.nn.Parameter]:
+        """Freeze the backbone if asked (freeze-teran); returns the parameters the optimiser updates."""
+        if self.freeze_backbone:
+            for p in model.backbone.parameters():
+                p.requires_grad_(False)
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def train_mode(self, model: Aladin) -> None:
+        model.train()
+        if self.freeze_backbone and not self.frozen_backbone_dropout:
+            model.backbone.eval()  # the clean alternative to quirk Q9
 
 
-def alignment_stage(cfg: TrainConfig, compat: CompatConfig) -> Stage:
-    def loss(model: Aladin, images, texts):
-        img_set, txt_set = model.alignment_sets(model.image_tokens(images), model.text_tokens(texts))
-        scores = model.alignment_scores(img_set, txt_set)  # (B, B) MrSw, positives on the diagonal
-        return hinge_triplet(scores, cfg.margin, cfg.max_violation)
-
-    def selection(v):
-        # Quirk Q8: the original adds the (untrained) matching head's rsum whenever the alignment loss runs.
-        return v["alignment"]["rsum"] + (v["matching"]["rsum"] if compat.val_rsum_sum_heads else 0.0)
-
-    return Stage("alignment", cfg.epochs, cfg.batch_size, cfg.lr, cfg.lr_step, cfg.lr_gamma, cfg.grad_clip,
-                 loss, selection, frozen_backbone=False)
+def _float_tokens(x: Tokens) -> Tokens:
+    return Tokens(x.tokens.float(), x.lengths)
 
 
-def distill_stage(cfg: TrainConfig, compat: CompatConfig) -> Stage:
-    def loss(model: Aladin, images, texts):
-        with torch.no_grad():  # frozen backbone (freeze-teran: True); the teacher is detached anyway
-            img_tok, txt_tok = model.image_tokens(images), model.text_tokens(texts)
-            if "distillation" in cfg.losses:
-                teacher = model.alignment_scores(*model.alignment_sets(img_tok, txt_tok))  # (B, B)
-        student = model.embed_images(img_tok) @ model.embed_texts(txt_tok).T  # (B, B) cosine
-        if "distillation" in cfg.losses:
-            return listnet_distillation(student, teacher, cfg.temperature)
-        return hinge_triplet(student, cfg.margin, cfg.max_violation)
-
-    return Stage("distill", cfg.epochs, cfg.batch_size, cfg.lr, cfg.lr_step, cfg.lr_gamma, cfg.grad_clip,
-                 loss, lambda v: v["matching"]["rsum"], frozen_backbone=True)
+def _gather_set(s: AlignmentSet, d: Distributed) -> AlignmentSet:
+    return AlignmentSet(gather_rows(s.tokens, d), gather_rows(s.mask, d))
 
 
-def fit(model: Aladin, stage: Stage, train: SplitInputs, val: SplitInputs, seed: int, compat: CompatConfig,
-        eval_batch_size: int, chunk_size: int, on_epoch_end: Callable[[int, dict], None],
-        on_best: Callable[[int, dict], None]) -> dict:
-    """Train for `stage.epochs`; call `on_epoch_end(epoch, metrics)` and `on_best(epoch, metrics)`.
+def batch_loss(model: Aladin, recipe: Recipe, images: ImageInputs, texts: TextInputs, epoch: int,
+               d: Distributed) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The recipe's loss on one (global) batch; returns (loss, {name: unweighted term}).
 
-    Returns the metrics of the best epoch. Raises PipelineError if the loss becomes NaN or infinite.
+    The encoders run under whatever autocast the caller set; the score matrices and the losses are
+    computed in fp32 with autocast off (the MrSw sums and the ListNet softmaxes lose too much in bf16).
+    Under torchrun `images` and `texts` are this rank's slice; tokens and embeddings are gathered (with
+    their gradient) so every score matrix is the global (B, B).
+    """
+    active = recipe.active_losses(epoch)
+    need_alignment = "alignment" in active or "distillation" in active
+    need_matching = "matching" in active or "distillation" in active
+    frozen = torch.no_grad() if recipe.freeze_backbone else contextlib.nullcontext()
+    with frozen:  # freeze-teran: the backbone forward keeps no graph
+        img_tok, txt_tok = model.image_tokens(images), model.text_tokens(texts)  # (n, R, H), (n, L, H)
+    device_type = img_tok.tokens.device.type
+    s_align = s_match = None
+    if need_alignment:
+        # Only a teacher (no alignment loss): no graph needed.
+        teacher_only = torch.no_grad() if "alignment" not in active else contextlib.nullcontext()
+        with teacher_only, torch.autocast(device_type, enabled=False):
+            img_set, txt_set = model.alignment_sets(_float_tokens(img_tok), _float_tokens(txt_tok))
+            s_align = model.alignment_scores(_gather_set(img_set, d), _gather_set(txt_set, d))  # (B, B)
+    if need_matching:
+        img_emb, txt_emb = model.embed_images(img_tok), model.embed_texts(txt_tok)  # (n, H) each
+        with torch.autocast(device_type, enabled=False):
+            s_match = gather_rows(img_emb.float(), d) @ gather_rows(txt_emb.float(), d).T  # (B, B) cosine
+    with torch.autocast(device_type, enabled=False):
+        terms = {}
+        if "alignment" in active:
+            terms["alignment"] = hinge_triplet(s_align, recipe.margin, recipe.max_violation)
+        if "matching" in active:
+            terms["matching"] = hinge_triplet(s_match, recipe.margin, recipe.max_violation)
+        if "distillation" in active:
+            terms["distillation"] = listnet_distillation(s_match, s_align.detach(), recipe.temperature)
+        weights = dict(zip(recipe.losses, recipe.loss_weights))
+        loss = None
+        for name in active:
+            weighted = weights[name] * terms[name]
+            loss = weighted if loss is None else loss + weighted
+    return loss, terms
+
+
+# ---------------------------------------------------------------------------------------------------
+# One optimisation step
+
+
+def make_optimizer(params: list[torch.nn.Parameter], lr: float, device: torch.device) -> torch.optim.Adam:
+    """Adam as the original (betas 0.9/0.999, eps 1e-8, no weight decay); fused kernels on CUDA, the
+    multi-tensor path on the CPU: the same update, fewer kernel launches."""
+    if device.type == "cuda":
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    return torch.optim.Adam(params, lr=lr, foreach=True)
+
+
+def autocast_for(precision: str, device: torch.device):
+    """bf16: autocast around the forward (weights and optimiser state stay fp32); fp32: the original."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_step(model: Aladin, recipe: Recipe, images: ImageInputs, texts: TextInputs, epoch: int,
+               optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
+               d: Distributed) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, backward, gradient average over ranks, clipping, Adam.
+
+    Returns (loss, gradient norm before clipping), both detached scalars left on the device (no sync).
+    """
+    with autocast_for(recipe.precision, d.device):
+        loss, _ = batch_loss(model, recipe, images, texts, epoch, d)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    average_gradients(params, d)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+    optimizer.step()
+    return loss.detach(), grad_norm.detach()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loop
+
+
+def _check_finite(losses: list[torch.Tensor], first_step: int, epoch: int) -> None:
+    values = torch.stack(losses).tolist()
+    for i, v in enumerate(values):
+        if not np.isfinite(v):
+            raise PipelineError(f"loss is {v} at epoch {epoch}, step {first_step + i}; stopping (the best "
+                                "checkpoint so far is kept)")
+
+
+def fit(model: Aladin, recipe: Recipe, loader: Iterable, generator: torch.Generator, val: SplitInputs,
+        eval_batch_size: int, chunk_size: int, d: Distributed, on_epoch_end: Callable[[int, dict], None],
+        on_best: Callable[[int, dict], None], resume: "ResumeCheckpoint | None" = None) -> dict:
+    """Train `recipe.epochs` epochs over `loader`; call `on_best(epoch, metrics)` when the selection rsum
+    improves and then `on_epoch_end(epoch, metrics)`, on every rank (callers write on rank 0 only).
+
+    `loader` yields collated batches (`aladin.pairs`) in the order `generator` draws; the generator's state
+    is part of the resume state. With `resume`, a saved state of the same fingerprint is restored first and
+    a new one is written after every epoch. Returns the metrics of the best epoch. Raises PipelineError if
+    the loss becomes NaN or infinite.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=stage.lr, foreach=True)  # same maths, fewer kernel launches
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=stage.lr_step, gamma=stage.lr_gamma)
-    generator = torch.Generator().manual_seed(seed)
-    best, best_metrics = float("-inf"), {}
-    for epoch in range(stage.epochs):
-        model.train()
-        if stage.frozen_backbone and not compat.frozen_backbone_dropout:
-            model.backbone.eval()  # the clean alternative to quirk Q9
+    optimizer = make_optimizer(params, recipe.lr, d.device)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=recipe.lr_step, gamma=recipe.lr_gamma)
+    start, best, best_metrics = 0, float("-inf"), {}
+    if resume is not None and resume.state is not None:
+        start, best, best_metrics = resume.restore(model, optimizer, scheduler, generator, d)
+    for epoch in range(start, recipe.epochs):
+        recipe.train_mode(model)
         lr = optimizer.param_groups[0]["lr"]
-        total, n_batches = 0.0, 0
-        for step, idx in enumerate(batches(training_pairs(train, generator), stage.batch_size)):
-            images = train.images[train.image_of_caption[idx]]
-            texts = train.texts[idx]
-            loss = stage.loss(model, images, texts)
-            if not torch.isfinite(loss):
-                raise PipelineError(f"{stage.name}: loss is {loss.item()} at epoch {epoch}, step {step}; "
-                                    "stopping (the best checkpoint so far is kept)")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, stage.grad_clip)
-            optimizer.step()
-            total += loss.item()
-            n_batches += 1
+        losses, checked = [], 0
+        for batch in loader:
+            images, texts = batch_inputs(batch, d.device)
+            loss, _ = train_step(model, recipe, images, texts, epoch, optimizer, params, d)
+            losses.append(loss)
+            if len(losses) - checked >= LOSS_CHECK_EVERY:
+                _check_finite(losses[checked:], checked, epoch)
+                checked = len(losses)
+        if losses[checked:]:
+            _check_finite(losses[checked:], checked, epoch)
+        total = 0.0
+        for value in torch.stack(losses).tolist() if losses else []:
+            total += value  # summed in order in float64, as the loss was logged before
         scheduler.step()
         val_metrics = validate(model, val, eval_batch_size, chunk_size)
-        metrics = {"train_loss": total / max(1, n_batches), "lr": lr, "val": val_metrics,
-                   "selection_rsum": stage.selection(val_metrics)}
-        improved = metrics["selection_rsum"] > best
-        if improved:
+        metrics = {"train_loss": total / max(1, len(losses)), "lr": lr, "val": val_metrics,
+                   "selection_rsum": recipe.selection_rsum(val_metrics)}
+        if metrics["selection_rsum"] > best:
             best, best_metrics = metrics["selection_rsum"], dict(metrics, epoch=epoch)
             on_best(epoch, metrics)
         on_epoch_end(epoch, metrics)
+        if resume is not None:
+            resume.save(epoch, model, optimizer, scheduler, generator, best, best_metrics, d)
     return best_metrics
 
 
 # ---------------------------------------------------------------------------------------------------
-# Checkpoints: safetensors weights + JSON, never pickles
+# Resume state: safetensors for tensors, JSON for the rest, never a pickle
+
+STATE = "state"  # <resume dir>/state: the last finished epoch
+BEST = "best"  # <resume dir>/best: the best model so far, a `save_model` folder
+STATE_FORMAT = 1
+
+
+def file_digest(path: Path, sampled: bool = False) -> str:
+    """sha256 of a file; `sampled` reads 64 blocks of 64 KiB spread over it (and its size) instead, for
+    the multi-GB feature files, where any re-extraction changes every block."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with open(path, "rb") as f:
+        if not sampled or size <= 64 * 2**16 * 2:
+            for block in iter(lambda: f.read(2**20), b""):
+                h.update(block)
+        else:
+            for i in range(64):
+                f.seek((size - 2**16) * i // 63)
+                h.update(f.read(2**16))
+    return h.hexdigest()
+
+
+def fingerprint(config: dict, files: Iterable[Path], sampled: Iterable[Path] = ()) -> str:
+    """One hash of a stage's params (a JSON-able dict) and the contents of its input files."""
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for path in files:
+        h.update(f"{path.name}:{file_digest(path)}".encode())
+    for path in sampled:
+        h.update(f"{path.name}:{file_digest(path, sampled=True)}".encode())
+    return h.hexdigest()
+
+
+def _tensors_of(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for index, values in optimizer.state_dict()["state"].items():
+        for key, value in values.items():
+            if not torch.is_tensor(value):
+                raise TypeError(f"optimizer state {index}.{key} is not a tensor")  # Adam keeps only tensors
+            out[f"{index}.{key}"] = value.detach().cpu().contiguous()
+    return out
+
+
+def _rng_tensors(generator: torch.Generator, d: Distributed) -> dict[str, torch.Tensor]:
+    """The sampler's generator and every rank's torch RNG (dropout), gathered on rank 0 (collective)."""
+    out = {"sampler": generator.get_state()}
+    for r, s in enumerate(gather_tensors(torch.get_rng_state(), d)):
+        out[f"torch.{r}"] = s
+    if d.device.type == "cuda":
+        for r, s in enumerate(gather_tensors(torch.cuda.get_rng_state(d.device), d)):
+            out[f"cuda.{r}"] = s
+    return out
+
+
+class ResumeCheckpoint:
+    """The resume state of one stage in `directory` (`--resume-dir`, a persistent DVC output).
+
+    `state/` holds model.safetensors, optimizer.safetensors, rng.safetensors and state.json (epoch, best so
+    far, scheduler, lr, python and numpy RNG, fingerprint); `best/` the best model so far. `epochs` is not
+    part of the fingerprint: epoch k of a longer run equals epoch k of a shorter one, so a finished run can
+    be extended; a state past the requested epochs is not resumed.
+    """
+
+    def __init__(self, directory, fingerprint: str, epochs: int):
+        self.directory = Path(directory)
+        self.fingerprint = fingerprint
+        self.state: dict | None = None
+        self.note = ""
+        folder = self.directory / STATE
+        if not (folder / "state.json").is_file():
+            self.note = f"resume: no saved state in {self.directory}, starting at epoch 0"
+            return
+        try:
+            meta = json.loads((folder / "state.json").read_text())
+        except json.JSONDecodeError as e:
+            raise PipelineError(f"{folder / 'state.json'}:{e.lineno}: not valid JSON ({e.msg})") from None
+        if meta.get("format") != STATE_FORMAT or meta.get("fingerprint") != fingerprint:
+            self.note = (f"resume: {self.directory} holds a state of other params or inputs; starting fresh")
+        elif meta["epoch"] + 1 > epochs:
+            self.note = (f"resume: {self.directory} holds epoch {meta['epoch']}, past the {epochs} epoch(s) asked "
+                         "for; starting fresh")
+        elif meta["best_epoch"] is not None and not (self.directory / BEST / WEIGHTS).is_file():
+            self.note = f"resume: {self.directory / BEST} is missing; starting fresh"
+        else:
+            self.state = meta
+            self.note = f"resume: continuing from epoch {meta['epoch'] + 1} ({self.directory})"
+
+    @property
+    def best_dir(self) -> Path:
+        return self.directory / BEST
+
+    def clear(self) -> None:
+        """Remove a stale state (rank 0, before a fresh start), so it can never be mistaken for this run's."""
+        for name in (STATE, BEST):
+            shutil.rmtree(self.directory / name, ignore_errors=True)
+
+    def restore(self, model: Aladin, optimizer, scheduler, generator: torch.Generator,
+                d: Distributed) -> tuple[int, float, dict]:
+        """Load the saved state into the run's objects; returns (first epoch to run, best, best metrics)."""
+        folder, meta = self.directory / STATE, self.state
+        weights = load_file(folder / WEIGHTS)
+        load_state_exactly(model, weights, [], f"{folder / WEIGHTS}: does not match the model")
+        saved = load_file(folder / "optimizer.safetensors")
+        current = optimizer.state_dict()
+        state: dict = {}
+        for key, value in saved.items():
+            index, name = key.split(".", 1)
+            state.setdefault(int(index), {})[name] = value
+        groups = current["param_groups"]
+        for group, lr in zip(groups, meta["param_groups"]):
+            group.update(lr)  # lr and initial_lr; the rest is fixed by make_optimizer
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+        scheduler.load_state_dict(meta["scheduler"])
+        rng = load_file(folder / "rng.safetensors")
+        generator.set_state(rng["sampler"])
+        own = f"torch.{d.rank}"
+        if own in rng:
+            torch.set_rng_state(rng[own])
+            if d.device.type == "cuda" and f"cuda.{d.rank}" in rng:
+                torch.cuda.set_rng_state(rng[f"cuda.{d.rank}"], d.device)
+        else:  # more ranks than when saved: a fresh dropout stream for this rank
+            torch.manual_seed(int(meta["seed"]) + 1000 * d.rank + meta["epoch"])
+        version, internal, gauss = meta["python_random"]
+        random.setstate((version, tuple(internal), gauss))
+        name, keys, pos, has_gauss, cached = meta["numpy_random"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+        best = meta["best"] if meta["best"] is not None else float("-inf")
+        return meta["epoch"] + 1, best, meta["best_metrics"]
+
+    def save(self, epoch: int, model: Aladin, optimizer, scheduler, generator: torch.Generator, best: float,
+             best_metrics: dict, d: Distributed) -> None:
+        """Write the state after `epoch` atomically (collective: every rank calls it, rank 0 writes)."""
+        rng = _rng_tensors(generator, d)
+        if not d.is_main:
+            return
+        version, internal, gauss = random.getstate()
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        meta = {
+            "format": STATE_FORMAT, "fingerprint": self.fingerprint, "epoch": epoch,
+            "best": best if np.isfinite(best) else None, "best_epoch": best_metrics.get("epoch"),
+            "best_metrics": best_metrics, "world_size": d.world_size, "seed": int(torch.initial_seed()),
+            "scheduler": scheduler.state_dict(),
+            "param_groups": [{k: g[k] for k in ("lr", "initial_lr") if k in g} for g in optimizer.param_groups],
+            "python_random": [version, list(internal), gauss],
+            "numpy_random": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        }
+        with atomic_path(self.directory / STATE, directory=True) as tmp:
+            save_file(_cpu_state(model), tmp / WEIGHTS, metadata={"format": "pt"})
+            save_file(_tensors_of(optimizer), tmp / "optimizer.safetensors", metadata={"format": "pt"})
+            save_file({k: v.contiguous() for k, v in rng.items()}, tmp / "rng.safetensors")
+            (tmp / "state.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model folders: safetensors weights + JSON, never pickles
+
+
+def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
 def save_model(model: Aladin, out_dir, backbone_dir, meta: dict) -> None:
     """Write `model.safetensors`, the backbone's `config.json` and `vocab.txt`, and `training.json`."""
     backbone_dir = Path(backbone_dir)
     with atomic_path(out_dir, directory=True) as tmp:
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
+        save_file(_cpu_state(model), tmp / WEIGHTS, metadata={"format": "pt"})
         (tmp / "config.json").write_text(model.backbone.config.to_json_string(use_diff=False))
         (tmp / "vocab.txt").write_bytes((backbone_dir / "vocab.txt").read_bytes())
         (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")

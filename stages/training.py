@@ -1,27 +1,49 @@
-"""The body the two training stages share: flags, split loading, DVCLive, best-checkpoint keeping.
+"""The body the two training stages share: flags, data, device, DVCLive, best model, resume state.
 
-DVCLive is created here only, with `dvcyaml=False`: the hand-written dvc.yaml owns metrics and plots
-(DVC_AND_NOTEBOOKS.md 4.2).
+The stages differ only in where the model comes from (the backbone folder, or stage 1's model) and in
+their params section; the recipe is in that section (`aladin.train.Recipe`).
+
+    python -m stages.train_alignment ... [--device auto|cpu|cuda] [--num-workers N|auto] [--resume-dir DIR]
+    torchrun --nproc_per_node 4 -m stages.train_alignment ...      # data parallel, same global batch
+
+DVCLive is created on rank 0 only, with `dvcyaml=False`: the hand-written dvc.yaml owns metrics and plots
+(DVC_AND_NOTEBOOKS.md 4.2). With `--resume-dir` a run whose params and inputs match the saved state
+continues from the next epoch and appends to the DVCLive folder (`resume=True`, 4.4).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import shutil
+import sys
+from pathlib import Path
 from typing import Callable
 
+import torch
 from dvclive import Live
 
 from aladin.backbone import load_tokenizer
 from aladin.config import Params, as_dict, load_params
+from aladin.data import KARPATHY_FILE
+from aladin.distributed import Distributed, barrier, broadcast_parameters, close, init_distributed
+from aladin.io import PipelineError, atomic_path
+from aladin.model import Aladin
+from aladin.pairs import PairBatches, default_workers, load_training_pairs, pair_loader
 from aladin.regions import RegionFeatures
+from aladin.retrieval import split_to
 from aladin.splits import load_split
-from aladin.train import fit, save_model, seed_everything
+from aladin.train import Recipe, ResumeCheckpoint, fingerprint, fit, save_model, seed_everything, validate
 from stages.common import run
 
 
 def log_epoch(live, metrics: dict) -> None:
-    """One DVCLive step per epoch, in the fixed namespace of DVC_AND_NOTEBOOKS.md 4.2."""
-    live.log_metric("train/loss", metrics["train_loss"])
-    live.log_metric("train/lr", metrics["lr"])
+    """One DVCLive step per epoch, in the fixed namespace of DVC_AND_NOTEBOOKS.md 4.2.
+
+    A pass-through stage (epochs 0) logs only the validation of the model it passes on, at step 0.
+    """
+    if "train_loss" in metrics:
+        live.log_metric("train/loss", metrics["train_loss"])
+        live.log_metric("train/lr", metrics["lr"])
     for head, values in metrics["val"].items():
         live.log_metric(f"val/{head}/rsum", values["rsum"])
     live.log_metric("val/selection_rsum", metrics["selection_rsum"])
@@ -37,33 +59,148 @@ def training_parser(doc: str, source_flag: str) -> argparse.ArgumentParser:
     p.add_argument(source_flag, required=True, dest="source")
     p.add_argument("--out", required=True)
     p.add_argument("--live", required=True)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto = cuda when available (under torchrun: GPU LOCAL_RANK)")
+    p.add_argument("--num-workers", default="auto",
+                   help="DataLoader processes reading training regions: a number (0: in the main process) or "
+                        "auto (0 when training on the CPU, whose cores the model needs; on CUDA up to 8, "
+                        "sharing the CPUs among the ranks). Results do not depend on it")
+    p.add_argument("--resume-dir", default=None,
+                   help="folder for the per-epoch resume state (a persistent output); omitted: no resume")
     return p
 
 
-def run_training(args, name: str, section: str, build: Callable[[Params, str], tuple]) -> int:
-    """Load the train and val splits, build (model, stage) with `build(params, source_dir)`, fit, keep the best.
+def stage_fingerprint(params: Params, section: str, name: str, source: str, dataset: str, features: str) -> str:
+    """What the stage's results depend on: its params (all but `epochs`), its input files, and the code.
+
+    The code counts because DVC re-runs a stage when one of its source deps changes; a bug fix in the loss
+    must not resume (and so keep) a state the old code trained. It is the source of every module of this
+    project the stage has imported, and the torch version.
+    """
+    cfg = as_dict(getattr(params, section))
+    cfg.pop("epochs")
+    config = {"stage": name, "seed": params.seed, "captions_per_image": params.data.captions_per_image,
+              "model": as_dict(params.model), "compat": as_dict(params.compat), section: cfg,
+              "eval": {"batch_size": params.eval.batch_size, "chunk_size": params.eval.chunk_size},
+              "torch": torch.__version__}
+    code = sorted({Path(m.__file__) for n, m in list(sys.modules.items())
+                   if n.split(".")[0] in ("aladin", "stages") and getattr(m, "__file__", None)})
+    model_files = sorted(p for p in Path(source).iterdir() if p.is_file())
+    feats = Path(features)
+    small = [feats / "imageid2idx.json", feats / "features.lineidx", feats / "predictions.lineidx"]
+    files = code + model_files + [Path(dataset) / KARPATHY_FILE] + [p for p in small if p.is_file()]
+    return fingerprint(config, files, sampled=[feats / "features.tsv", feats / "predictions.tsv"])
+
+
+def num_workers(flag: str, d: Distributed) -> int:
+    """`--num-workers`: a count, or auto (`aladin.pairs.default_workers`)."""
+    if flag == "auto":
+        return default_workers(d.device, d.world_size)
+    if not flag.isdigit():
+        raise PipelineError(f"--num-workers must be a non-negative integer or auto, got {flag!r}")
+    return int(flag)
+
+
+def _copy_model(src: Path, out: str) -> None:
+    with atomic_path(out, directory=True) as tmp:
+        for f in sorted(src.iterdir()):
+            shutil.copy2(f, tmp / f.name)
+
+
+def run_training(args, name: str, section: str, build: Callable[[Params, str], Aladin]) -> int:
+    """Train the model `build(params, source_dir)` returns under the recipe of `params.<section>`.
 
     The best epoch's weights go to `args.out` (safetensors + JSON) each time validation improves, and every
-    epoch is logged to DVCLive under `args.live`.
+    epoch is logged to DVCLive under `args.live`. `epochs: 0` passes the model through unchanged.
     """
 
     def body() -> int:
         params = load_params(args.params)
+        cfg = getattr(params, section)
+        d = init_distributed(args.device)
+        try:
+            return train(params, cfg, d, num_workers(args.num_workers, d))
+        finally:
+            close(d)
+
+    def train(params: Params, cfg, d: Distributed, workers: int) -> int:
         seed_everything(params.seed)
         features = RegionFeatures(args.features, expected_dim=params.model.img_feature_dim)
         tokenizer = load_tokenizer(args.source)
-        splits = {s: load_split(args.dataset, features, s, tokenizer, params.model, params.compat,
-                                params.data.captions_per_image) for s in ("train", "val")}
-        model, stage = build(params, args.source)
+        val = load_split(args.dataset, features, "val", tokenizer, params.model, params.compat,
+                         params.data.captions_per_image)
+        pairs = None
+        if cfg.epochs > 0:  # a pass-through reads no training data
+            pairs = load_training_pairs(args.dataset, features, "train", tokenizer, params.model, params.compat,
+                                        params.data.captions_per_image)
+        recipe = Recipe.from_config(cfg, params.compat)
+        model = build(params, args.source)
+        recipe.prepare(model)
+        model.to(d.device)
+        broadcast_parameters(model, d)
+        if d.active:
+            torch.manual_seed(params.seed + d.rank)  # distinct dropout per rank; rank 0 keeps the seed
+        val = split_to(val, d.device)
         meta = {"stage": name, "params": {k: as_dict(getattr(params, k)) for k in ("model", "compat", section)}}
-        with Live(args.live, dvcyaml=False, save_dvc_exp=False) as live:
-            def on_best(epoch, metrics):
-                save_model(model, args.out, args.source, dict(meta, best_epoch=epoch, metrics=metrics))
-                live.summary["best"] = {"epoch": epoch, "selection_rsum": metrics["selection_rsum"]}
 
-            best = fit(model, stage, splits["train"], splits["val"], params.seed, params.compat,
-                       params.eval.batch_size, params.eval.chunk_size, lambda e, m: log_epoch(live, m), on_best)
-        print(f"{name}: best epoch {best['epoch']}, selection rsum {best['selection_rsum']:.1f} -> {args.out}")
+        if cfg.epochs == 0:
+            return pass_through(params, recipe, model, val, meta, d)
+
+        resume = None
+        if args.resume_dir:
+            resume = ResumeCheckpoint(args.resume_dir, stage_fingerprint(params, section, name, args.source,
+                                                                          args.dataset, args.features), cfg.epochs)
+            if d.is_main:
+                print(resume.note)
+            barrier(d)  # every rank has read the state before rank 0 may clear it
+            if resume.state is None and d.is_main:
+                resume.clear()
+        resuming = resume is not None and resume.state is not None
+        if resuming and d.is_main and resume.state["best_epoch"] is not None:
+            _copy_model(resume.best_dir, args.out)  # DVC removed the non-persistent --out before the rerun
+
+        generator = torch.Generator().manual_seed(params.seed)
+        sampler = PairBatches(len(pairs), cfg.batch_size, generator, d.rank, d.world_size)
+        loader = pair_loader(pairs, sampler, workers, d.device.type == "cuda", params.seed)
+        live = Live(args.live, dvcyaml=False, save_dvc_exp=False, resume=resuming) if d.is_main else None
+        if live is not None and resuming:
+            live.step = resume.state["epoch"] + 1  # one step per epoch, whatever the folder held
+
+        def on_best(epoch, metrics):
+            if not d.is_main:
+                return
+            save_model(model, args.out, args.source, dict(meta, best_epoch=epoch, metrics=metrics))
+            if resume is not None:
+                _copy_model(Path(args.out), str(resume.best_dir))
+            live.summary["best"] = {"epoch": epoch, "selection_rsum": metrics["selection_rsum"]}
+
+        def on_epoch_end(epoch, metrics):
+            if d.is_main:
+                log_epoch(live, metrics)
+
+        with live if live is not None else contextlib.nullcontext():
+            best = fit(model, recipe, loader, generator, val, params.eval.batch_size, params.eval.chunk_size, d,
+                       on_epoch_end, on_best, resume)
+        barrier(d)
+        if d.is_main:
+            if best:
+                print(f"{name}: best epoch {best['epoch']}, selection rsum {best['selection_rsum']:.1f} -> {args.out}")
+            else:
+                print(f"{name}: the resume state had finished every epoch; best model -> {args.out}")
+        return 0
+
+    def pass_through(params: Params, recipe: Recipe, model: Aladin, val, meta: dict, d: Distributed) -> int:
+        """epochs 0: the incoming model, unchanged, and its validation as DVCLive step 0."""
+        if not d.is_main:
+            return 0
+        val_metrics = validate(model, val, params.eval.batch_size, params.eval.chunk_size)
+        metrics = {"val": val_metrics, "selection_rsum": recipe.selection_rsum(val_metrics)}
+        save_model(model, args.out, args.source, dict(meta, passthrough=True, best_epoch=None, metrics=metrics))
+        with Live(args.live, dvcyaml=False, save_dvc_exp=False) as live:
+            live.summary["passthrough"] = True
+            log_epoch(live, metrics)
+        print(f"{name}: epochs 0, the incoming model passed through unchanged -> {args.out}")
         return 0
 
     return run(body)
+
