@@ -28,31 +28,28 @@ class EncodedSplit:
 
 
 @torch.inference_mode()
+def _encode(model: Aladin, inputs, batch_size: int, tokens, embed, alignment_set) -> tuple[torch.Tensor, AlignmentSet]:
+    """Matching embeddings `(N, H)` and padded alignment sets `(N, L', H)` of one modality, batch by batch, in
+    eval mode (the model's mode is restored afterwards)."""
+    was_training = model.training
+    model.eval()
+    emb, sets = [], []
+    for start in range(0, len(inputs), batch_size):
+        tok = tokens(inputs[start: start + batch_size])
+        emb.append(embed(tok))
+        sets.append(alignment_set(tok))
+    model.train(was_training)
+    return torch.cat(emb), pad_sets(sets)
+
+
 def encode_images(model: Aladin, images: ImageInputs, batch_size: int) -> tuple[torch.Tensor, AlignmentSet]:
-    """Matching embeddings `(N, H)` and alignment sets `(N, R', H)` of images, batch by batch, in eval mode."""
-    was_training = model.training
-    model.eval()
-    emb, sets = [], []
-    for start in range(0, len(images), batch_size):
-        tok = model.image_tokens(images[start: start + batch_size])
-        emb.append(model.embed_images(tok))
-        sets.append(model.image_alignment_set(tok))
-    model.train(was_training)
-    return torch.cat(emb), pad_sets(sets)
+    """Matching embeddings `(N, H)` and alignment sets `(N, R', H)` of images."""
+    return _encode(model, images, batch_size, model.image_tokens, model.embed_images, model.image_alignment_set)
 
 
-@torch.inference_mode()
 def encode_texts(model: Aladin, texts: TextInputs, batch_size: int) -> tuple[torch.Tensor, AlignmentSet]:
-    """Matching embeddings `(M, H)` and alignment sets `(M, W', H)` of captions, as `encode_images`."""
-    was_training = model.training
-    model.eval()
-    emb, sets = [], []
-    for start in range(0, len(texts), batch_size):
-        tok = model.text_tokens(texts[start: start + batch_size])
-        emb.append(model.embed_texts(tok))
-        sets.append(model.text_alignment_set(tok))
-    model.train(was_training)
-    return torch.cat(emb), pad_sets(sets)
+    """Matching embeddings `(M, H)` and alignment sets `(M, W', H)` of captions."""
+    return _encode(model, texts, batch_size, model.text_tokens, model.embed_texts, model.text_alignment_set)
 
 
 def encode_split(model: Aladin, split: SplitInputs, batch_size: int) -> EncodedSplit:
