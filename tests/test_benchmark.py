@@ -6,7 +6,6 @@ import faiss
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from aladin import benchmark as bm
 from aladin.backbone import load_backbone, load_tokenizer, write_initial_checkpoint
@@ -15,9 +14,8 @@ from aladin.crossencoder import CrossEncoder, joint_inputs, query_latency
 from aladin.model import Aladin
 from aladin.tokenization import encode_captions, encode_images
 from aladin.train import save_model
+from micro import micro_world
 from stages import benchmark as benchmark_stage
-from stages import data as data_stage
-from stages import features as features_stage
 
 WORDS = ["a", "red", "blue", "circle", "square", "left", "of", "star"]
 
@@ -134,14 +132,7 @@ MICRO = {
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
-    params = yaml.safe_load(open("params.yaml"))
-    for section, values in MICRO.items():
-        params[section].update(values)
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    p = str(root / "params.yaml")
-    assert data_stage.main(["--params", p, "--out", str(root / "dataset"), "--backbone-out", str(root / "backbone")]) == 0
-    assert features_stage.main(["--params", p, "--data", str(root / "dataset"), "--out", str(root / "features")]) == 0
-    cfg = load_params(p)
+    cfg = load_params(micro_world(root, MICRO))
     model = Aladin(load_backbone(root / "backbone"), cfg.model, cfg.compat)  # untrained: cost, not accuracy
     save_model(model, root / "model", root / "backbone", {"note": "untrained"})
     return root

@@ -4,8 +4,8 @@ import shutil
 
 import pytest
 import yaml
+from micro import micro_world
 
-from stages import data as data_stage
 from stages import evaluate as evaluate_stage
 from stages import features as features_stage
 from stages import train_alignment, train_distill
@@ -24,13 +24,7 @@ MICRO = {
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory):
     root = tmp_path_factory.mktemp("stages")
-    params = yaml.safe_load(open("params.yaml"))
-    for section, values in MICRO.items():
-        params[section].update(values)
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    p = str(root / "params.yaml")
-    assert data_stage.main(["--params", p, "--out", str(root / "dataset"), "--backbone-out", str(root / "backbone")]) == 0
-    assert features_stage.main(["--params", p, "--data", str(root / "dataset"), "--out", str(root / "features")]) == 0
+    micro_world(root, MICRO)
     return root
 
 
