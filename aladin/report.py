@@ -68,12 +68,19 @@ def _number(mapping, keys: Iterable[str], source: str) -> float:
 # Tables
 
 
+def _head_order(head: str) -> tuple[str, int]:
+    """alignment, matching, then rerank@k by numeric k (rerank@10 before rerank@50 before rerank@100)."""
+    name, _, k = head.partition("@")
+    return (name, int(k) if k.isdigit() else 0)
+
+
 def heads_of(eval_metrics: dict, source: str = "eval metrics") -> list[str]:
-    """The evaluated heads, sorted (alignment, matching); checks the schema version."""
+    """The evaluated heads, sorted (alignment, matching, rerank@k by k); checks the schema version."""
     version = _get(eval_metrics, ["schema_version"], source)
     if version != SUPPORTED_SCHEMA:
         raise PipelineError(f"{source}: schema_version {version!r} is not supported (expected {SUPPORTED_SCHEMA})")
-    heads = sorted(k for k, v in eval_metrics.items() if k not in NON_HEAD_KEYS and isinstance(v, dict))
+    heads = sorted((k for k, v in eval_metrics.items() if k not in NON_HEAD_KEYS and isinstance(v, dict)),
+                   key=_head_order)
     if not heads:
         raise PipelineError(f"{source}: no head records (expected keys such as 'matching', 'alignment')")
     return heads

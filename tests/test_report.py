@@ -273,3 +273,10 @@ def test_stage_reports_bad_input_found_inside_the_notebook(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {broken}: cannot read image")
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_heads_are_ordered_with_rerank_k_numerically(evaluation):
+    metrics = copy.deepcopy(evaluation)
+    for k in (100, 10, 50):
+        metrics[f"rerank@{k}"] = copy.deepcopy(metrics["matching"])
+    assert report.heads_of(metrics) == ["alignment", "matching", "rerank@10", "rerank@50", "rerank@100"]
