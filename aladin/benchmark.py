@@ -24,13 +24,13 @@ import math
 import platform
 import statistics
 import time
-from dataclasses import dataclass, fields
 
 import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import BenchmarkConfig
 from .crossencoder import CrossEncoder, query_latency, time_crossencoder
 from .model import Aladin, AlignmentSet
 from .retrieval import EncodedSplit, encode_images, encode_texts, measure_latency, percentile, split_to, subset, synchronize
@@ -49,31 +49,6 @@ THROUGHPUT_IMAGES = 128  # images of the test gallery scored against every capti
 # Alignment-head throughput on random tokens at the paper's sizes: hidden 768, 34 regions minus the first
 # (Q5), captions of up to 50 wordpieces minus [CLS], [SEP] and the last (Q6).
 PAPER_WIDTH = {"hidden": 768, "regions": 33, "words": 47, "images": 32, "captions": 1000}
-
-
-@dataclass(frozen=True)
-class BenchmarkSettings:
-    """Defaults of the `benchmark:` params section (used while params.yaml has none)."""
-
-    device: str = "auto"  # auto: cuda when available, else cpu
-    threads: int = 1  # torch and FAISS CPU threads while timing: 1 = per core (stable); 0 = library defaults
-    latency_queries: int = 50  # caption queries timed per mode
-    rerank_k: tuple[int, ...] = (10, 50, 100)
-    crossencoder_pairs: int = 512  # (caption, image) pairs timed through the joint forward
-    crossencoder_batch_size: int = 64
-    sweep_max: int = 100000  # largest synthetic gallery (paper profile: 1000000)
-    sweep_queries: int = 100  # synthetic queries per size, for calibration and again for recall
-    sweep_timed_queries: int = 50  # queries timed one at a time per size and index
-    sweep_target_recall: float = 0.95  # IVF nprobe is raised until calibration recall@10 reaches this
-
-
-def settings_from(params) -> BenchmarkSettings:
-    """`params.benchmark` when the params schema has it, else the defaults above."""
-    section = getattr(params, "benchmark", None)
-    if section is None:
-        return BenchmarkSettings()
-    return BenchmarkSettings(**{f.name: getattr(section, f.name) for f in fields(BenchmarkSettings)
-                                if hasattr(section, f.name)})
 
 
 def resolve_device(name: str) -> torch.device:
@@ -272,7 +247,7 @@ def gallery_sweep(dim: int, sizes: list[int], n_queries: int, timed_queries: int
 # The whole benchmark
 
 
-def run_benchmark(model: Aladin, split: SplitInputs, settings: BenchmarkSettings, batch_size: int,
+def run_benchmark(model: Aladin, split: SplitInputs, settings: BenchmarkConfig, batch_size: int,
                   chunk_size: int, seed: int = 0) -> dict:
     """Every figure of metrics/benchmark.json (see the module docstring); `split` is the test split.
 
@@ -295,7 +270,7 @@ def run_benchmark(model: Aladin, split: SplitInputs, settings: BenchmarkSettings
         faiss.omp_set_num_threads(before[1])
 
 
-def _run(model: Aladin, split: SplitInputs, settings: BenchmarkSettings, batch_size: int, chunk_size: int,
+def _run(model: Aladin, split: SplitInputs, settings: BenchmarkConfig, batch_size: int, chunk_size: int,
          seed: int) -> dict:
     device = resolve_device(settings.device)
     model = model.to(device).eval()

@@ -13,13 +13,7 @@ from .retrieval import EncodedSplit, alignment_similarities, matching_similariti
 from .splits import SplitInputs
 
 SCHEMA_VERSION = 1
-DEFAULT_RERANK_K = (10, 50, 100)  # used until params.yaml has eval.rerank_k
 PROTOCOLS = ("coco_1k_5fold", "coco_5k")
-
-
-def rerank_ks(cfg: EvalConfig) -> tuple[int, ...]:
-    """The shortlist sizes of the re-ranking mode: `eval.rerank_k`, or the default while params lack it."""
-    return tuple(getattr(cfg, "rerank_k", DEFAULT_RERANK_K))
 
 
 def recall_metrics(model: Aladin, split: SplitInputs, enc: EncodedSplit, cfg: EvalConfig,
@@ -36,7 +30,7 @@ def recall_metrics(model: Aladin, split: SplitInputs, enc: EncodedSplit, cfg: Ev
     matching, alignment = sims["matching"].cpu().numpy(), sims["alignment"].cpu().numpy()
     relevance = rouge_l_relevance(split.captions, split.image_of_caption.numpy(), len(split.images))  # (M, N)
     modes = {"matching": (matching, None), "alignment": (alignment, None)}
-    for k in rerank_ks(cfg):
+    for k in cfg.rerank_k:
         modes[f"rerank@{k}"] = (matching, (alignment, k))
     out = {"schema_version": SCHEMA_VERSION, "dataset": dataset, "split": "test"}
     for head, (s, rerank) in modes.items():
@@ -50,7 +44,7 @@ def recall_metrics(model: Aladin, split: SplitInputs, enc: EncodedSplit, cfg: Ev
 
 def latency_metrics(model: Aladin, split: SplitInputs, enc: EncodedSplit, cfg: EvalConfig) -> dict:
     """Per-query latency of every mode (query encoding included), with what was measured where."""
-    timing = measure_latency(model, split, enc, cfg.latency_queries, cfg.chunk_size, rerank_k=rerank_ks(cfg))
+    timing = measure_latency(model, split, enc, cfg.latency_queries, cfg.chunk_size, rerank_k=cfg.rerank_k)
     device = enc.img_emb.device
     processor = platform.processor() or platform.machine()
     return dict(timing, device=device.type,

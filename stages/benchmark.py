@@ -17,7 +17,7 @@ import argparse
 import dataclasses
 
 from aladin.backbone import load_tokenizer
-from aladin.benchmark import headline, resolve_device, run_benchmark, settings_from
+from aladin.benchmark import headline, resolve_device, run_benchmark
 from aladin.config import load_params
 from aladin.io import PipelineError, write_json
 from aladin.regions import RegionFeatures
@@ -43,15 +43,13 @@ def main(argv=None) -> int:
 
     def body() -> int:
         params = load_params(args.params)
-        settings = settings_from(params)
+        settings = params.benchmark
         if args.sweep_max is not None:
             if args.sweep_max < 1:
                 raise PipelineError(f"--sweep-max must be a positive integer, got {args.sweep_max}")
             settings = dataclasses.replace(settings, sweep_max=args.sweep_max)
         try:
             resolve_device(settings.device)
-            if settings.threads < 0:
-                raise ValueError(f"benchmark.threads must be >= 0, got {settings.threads}")
         except ValueError as e:  # e.g. benchmark.device: cuda on a machine without a GPU
             raise PipelineError(f"{args.params}: {e}") from None
         seed_everything(params.seed)

@@ -1,6 +1,5 @@
 """The benchmark's pieces against direct computations, and one micro run of the stage (no timing thresholds)."""
 import json
-import types
 
 import faiss
 import numpy as np
@@ -110,13 +109,6 @@ def test_cross_encoder_scores_each_pair_alone(tiny_inputs):
                                            "extrapolated_from_pairs": 64}
 
 
-def test_settings_come_from_params_when_present():
-    assert bm.settings_from(types.SimpleNamespace()) == bm.BenchmarkSettings()
-    section = types.SimpleNamespace(sweep_max=2000, rerank_k=(5,))
-    got = bm.settings_from(types.SimpleNamespace(benchmark=section))
-    assert got.sweep_max == 2000 and got.rerank_k == (5,) and got.latency_queries == 50
-
-
 # ---------------------------------------------------------------------------------------------------
 # The stage on a micro dataset
 
@@ -147,7 +139,7 @@ def test_stage_writes_the_benchmark_json(micro, tmp_path, capsys):
     assert torch.get_num_threads() == threads  # benchmark.threads applies to the benchmark only
     bench = json.loads(out.read_text())
     assert "matching vs cross-encoder" in capsys.readouterr().out
-    settings = bm.BenchmarkSettings()
+    settings = load_params(micro / "params.yaml").benchmark
     assert bench["device"]["type"] == "cpu" and bench["gallery"]["n_images"] == 6
     assert bench["device"]["torch_threads"] == bench["device"]["faiss_threads"] == settings.threads
     modes = {"matching", "alignment", "crossencoder", *(f"rerank@{k}" for k in settings.rerank_k)}

@@ -97,20 +97,20 @@ def test_latency_covers_every_mode_and_direction(tiny):
 
 def test_recall_metrics_add_rerank_modes_and_ndcg(tiny):
     from aladin.config import EvalConfig
-    from aladin.evaluate import DEFAULT_RERANK_K, recall_metrics
+    from aladin.evaluate import recall_metrics
     from aladin.evaluation import evaluate_protocol
     from aladin.ndcg import rouge_l_relevance
 
     model, split, enc = tiny
     metrics, sims = recall_metrics(model, split, enc, EvalConfig(fold_size=3, chunk_size=2), "synthetic")
-    assert {"matching", "alignment", *(f"rerank@{k}" for k in DEFAULT_RERANK_K)} <= set(metrics)
+    assert {"matching", "alignment", *(f"rerank@{k}" for k in EvalConfig().rerank_k)} <= set(metrics)
     relevance = rouge_l_relevance(split.captions, split.image_of_caption.numpy(), 7)
     for head in ("matching", "alignment"):
         expected = evaluate_protocol(sims[head], split.image_of_caption, relevance=relevance)
         assert metrics[head]["coco_5k"]["ndcg_rougeL_t2i"] == expected["ndcg_rougeL_t2i"]
         assert metrics[head]["coco_5k"]["ndcg_rougeL_i2t"] == expected["ndcg_rougeL_i2t"]
     # every k of the defaults is at least the 7-image gallery: re-ranking is the alignment head, t2i
-    for k in DEFAULT_RERANK_K:
+    for k in EvalConfig().rerank_k:
         for protocol in ("coco_1k_5fold", "coco_5k"):
             record = metrics[f"rerank@{k}"][protocol]
             assert record["head"] == f"rerank@{k}" and record["rerank_k"] == k
