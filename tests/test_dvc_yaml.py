@@ -51,7 +51,11 @@ def test_every_path_in_cmd_is_a_dep_or_an_out(stage):
     outs = [next(iter(o)) if isinstance(o, dict) else o for o in spec.get("outs", [])]
     declared = set(spec["deps"]) | set(outs)
     tokens = spec["cmd"].split()
-    paths = [t for t in tokens if "/" in t and not t.startswith("-")]
+    # Resume state is scratch owned by the stage (fingerprinted, git-ignored), deliberately not an out.
+    scratch = {tokens[i + 1] for i, t in enumerate(tokens[:-1]) if t == "--resume-dir"}
+    for path in scratch:
+        assert path.startswith("checkpoints/"), f"stage {stage}: resume state {path} must live under checkpoints/"
+    paths = [t for t in tokens if "/" in t and not t.startswith("-") and t not in scratch]
     for path in paths:
         assert path in declared, f"stage {stage}: {path} is in cmd but neither a dep nor an out"
     for out in outs:
