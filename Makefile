@@ -6,6 +6,8 @@
 #   make exp PROFILE=embedded RECIPE=...              a released recipe on the embedded default
 #   ... EXTRA=site.yaml                               your own overrides last (mirrors, backbone.path, ...)
 #   make released CHECKPOINT=model_best_rsum.pth.tar  the released ALADIN model, evaluated without training
+# Sweeps:
+#   make sweep [TEMPERATURES=1.0,2.0,4.0,6.0,8.0]     queued DVC experiments, collected, report re-rendered
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(abspath $(VENV))/bin
@@ -18,10 +20,11 @@ SHELL := bash
 # This machine's pip.conf names local indexes that may be absent; pip's warnings about them are noise.
 QUIET := 2>&1 | { grep -v "is ignored: it is neither" || true; }
 
-.PHONY: setup repro test lock clean-venv paper exp released
+.PHONY: setup repro test lock clean-venv paper exp released sweep sweep-report
 
 PROFILE ?= paper
 RECIPE ?= matching-distill-finetune
+TEMPERATURES ?= 1.0,2.0,4.0,6.0,8.0
 
 setup: $(STAMP)
 
@@ -57,6 +60,21 @@ released: setup
 	$(BIN)/python -m stages.evaluate --params params.yaml --dataset data/dataset --features data/features \
 		--model models/released --metrics metrics/released.json --latency metrics/released_latency.json \
 		--qualitative eval/released_qualitative.json
+
+# One queued experiment per temperature (write values as floats: -S 8 would store the int 8), run one at a
+# time, then collected from `dvc exp show --json` into sweeps/temperature.json and the report re-rendered.
+sweep: setup
+	$(BIN)/dvc config --local core.check_update false
+	$(BIN)/dvc exp run --queue -S 'distill.temperature=$(TEMPERATURES)'
+	$(BIN)/dvc exp run --run-all -j 1
+	$(MAKE) sweep-report
+
+# Re-collect every experiment of the current commit and re-render the report (after `dvc queue start`, say).
+sweep-report: setup
+	$(BIN)/python -m aladin.sweep --out sweeps/temperature.json
+	$(BIN)/dvc repro report
+	@echo
+	@echo "Report: $(CURDIR)/reports/report.html   (sweep: sweeps/temperature.json; dvc exp show --only-changed)"
 
 test: setup
 	$(BIN)/python -m pytest -q tests

@@ -2,8 +2,9 @@
 
 `notebooks/report.py` only calls these functions and displays what they return (STYLE.md 8.3), so the
 tests here cover everything the report shows. Inputs are the evaluation metrics (`metrics/eval.json`),
-the per-query latency (`metrics/latency.json`), the DVCLive folders of the two training stages and the
-qualitative rankings (`eval/qualitative.json`). Figures are plain `matplotlib.figure.Figure` objects
+the benchmark stage's measured costs (`metrics/benchmark.json`), the DVCLive folders of the two training
+stages, the qualitative rankings (`eval/qualitative.json`) and a collected parameter sweep
+(`sweeps/temperature.json`, `aladin.sweep`); published numbers come from `aladin.paper_numbers`. Figures are plain `matplotlib.figure.Figure` objects
 built without pyplot (no global figure registry), and `save_figure` writes byte-identical PNGs for the
 same inputs (DVC_AND_NOTEBOOKS.md 5.5).
 """
@@ -22,22 +23,19 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 from aladin.io import PipelineError, atomic_path
+from aladin.paper_numbers import ANCHORS, EFFICIENCY, paper_point, paper_speedups
 
 CHANCE_HEAD = "chance (random ranking)"
 RECALL_KEYS = ("r1", "r5", "r10")
 RECALL_COLUMNS = [f"{d} R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
 TABLE_COLUMNS = ["head", "protocol", "n_images", "n_folds", *RECALL_COLUMNS, "rsum"]
+ANCHOR_COLUMNS = ["system", *RECALL_COLUMNS, "rsum", "status", "source", "note"]
 NON_HEAD_KEYS = ("schema_version", "dataset", "split")
 SUPPORTED_SCHEMA = 1
-LATENCY_PROTOCOL = "coco_5k"  # the whole test split: the gallery the latency stage times against
-
-# The paper's efficiency plot, mesnico/ALADIN alad/plots/plot_efficiency_vs_effectiveness.py (commit
-# d1bd7bf; PAPER_NUMBERS.md 1.3): latency in seconds for 5 queries, rsum most likely t2i R@1+R@5+R@10
-# on COCO 5K (inferred). Only the ratios between the two heads are comparable with a scaled-down run.
-PAPER_EFFICIENCY = {
-    "alignment": {"latency_s": 0.098 * 5, "rsum": 224.0},  # "ALADIN A/ft."
-    "matching": {"latency_s": 0.023 * 5, "rsum": 215.0},  # "ALADIN A/ft. + D/ft."
-}
+# ALADIN.md 7.5: the single VinVL 1K key file, the 5-fold 1K mean, the whole 5K split (the comparable one).
+PROTOCOL_ORDER = ("vinvl_1k", "coco_1k_5fold", "coco_5k")
+EFFICIENCY_PROTOCOL = "coco_5k"  # the whole test split: the gallery the benchmark times against
+MODES_WITHOUT_RSUM = ("crossencoder",)  # timed for its cost only: no cross-encoder is trained here
 
 
 def set_theme() -> None:
@@ -97,17 +95,33 @@ def _row(head: str, protocol: str, n_images: int, n_folds: int, root: dict, pref
     return row
 
 
+def _protocol_order(protocol: str) -> tuple[int, str]:
+    return (PROTOCOL_ORDER.index(protocol) if protocol in PROTOCOL_ORDER else len(PROTOCOL_ORDER), protocol)
+
+
+def absent_protocols(eval_metrics: dict, source: str = "eval metrics") -> dict[str, str]:
+    """Protocols evaluated as absent (e.g. no VinVL 1K key file), with the reason the evaluator recorded."""
+    out = {}
+    for head in heads_of(eval_metrics, source):
+        for protocol, record in eval_metrics[head].items():
+            if isinstance(record, dict) and "absent" in record:
+                out[protocol] = str(record["absent"])
+    return dict(sorted(out.items(), key=lambda kv: _protocol_order(kv[0])))
+
+
 def build_results_table(eval_metrics: dict, source: str = "eval metrics") -> pd.DataFrame:
     """One row per (head, protocol) plus one chance row per protocol, recalls in percent.
 
-    Rows are grouped by protocol (sorted: coco_1k_5fold, coco_5k), heads sorted within a protocol and the
-    chance row last, so a reader sees how far above random ranking each head is. For coco_1k_5fold the
-    numbers are the means over folds, as eval.json stores them. Chance depends on the gallery sizes
-    only, so it is read from the first head's record.
+    Rows are grouped by protocol (vinvl_1k, coco_1k_5fold, coco_5k, then any other by name), heads sorted
+    within a protocol and the chance row last, so a reader sees how far above random ranking each head is.
+    For coco_1k_5fold the numbers are the means over folds, as eval.json stores them. A protocol recorded
+    as absent has no rows (`absent_protocols` says why). Chance depends on the gallery sizes only, so it is
+    read from the first head's record.
     """
     rows = []
     heads = heads_of(eval_metrics, source)
-    protocols = sorted({p for h in heads for p in eval_metrics[h]})
+    absent = absent_protocols(eval_metrics, source)
+    protocols = sorted({p for h in heads for p in eval_metrics[h]} - set(absent), key=_protocol_order)
     for protocol in protocols:
         sizes = []
         for head in heads:
@@ -120,11 +134,38 @@ def build_results_table(eval_metrics: dict, source: str = "eval metrics") -> pd.
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
 
 
+def anchor_table(protocol: str) -> pd.DataFrame:
+    """The published numbers for `protocol` (aladin.paper_numbers), with source and reliability label."""
+    rows = []
+    for a in ANCHORS:
+        if a.protocol != protocol:
+            continue
+        row = {"system": a.system}
+        for direction, values in (("i2t", a.i2t), ("t2i", a.t2i)):
+            for k, v in zip((1, 5, 10), values):
+                row[f"{direction} R@{k}"] = v
+        rows.append(dict(row, rsum=a.rsum, status=a.status, source=a.source, note=a.note))
+    return pd.DataFrame(rows, columns=ANCHOR_COLUMNS)
+
+
+def comparison_table(table: pd.DataFrame, protocol: str, dataset: str) -> pd.DataFrame:
+    """The paper-style table of one protocol: our heads (source "this run") above the published anchors.
+
+    Missing published values stay empty (never 0). On a dataset other than COCO the anchors are shown for
+    orientation only, and every row of ours says which dataset it was measured on.
+    """
+    ours = table[(table["protocol"] == protocol) & (table["head"] != CHANCE_HEAD)]
+    rows = [{"system": f"ours: {r['head']}", **{c: r[c] for c in RECALL_COLUMNS}, "rsum": r["rsum"],
+             "status": "measured", "source": f"this run ({dataset}, {r['n_images']} images x {r['n_folds']} fold(s))",
+             "note": ""} for _, r in ours.iterrows()]
+    return pd.concat([pd.DataFrame(rows, columns=ANCHOR_COLUMNS), anchor_table(protocol)], ignore_index=True)
+
+
 def format_table(table: pd.DataFrame, decimals: int = 1) -> pd.DataFrame:
     """The table as the report shows it: recalls and rsum as strings with `decimals` places."""
     shown = table.copy()
     for column in [*RECALL_COLUMNS, "rsum"]:
-        shown[column] = [f"{v:.{decimals}f}" for v in table[column]]
+        shown[column] = ["–" if v is None or pd.isna(v) else f"{v:.{decimals}f}" for v in table[column]]
     return shown
 
 
@@ -147,43 +188,73 @@ def write_tables(table: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     return written
 
 
-def latency_table(eval_metrics: dict, latency: dict, protocol: str = LATENCY_PROTOCOL,
-                  source: str = "latency") -> pd.DataFrame:
-    """Per head: median and p95 text-to-image latency per query (ms) next to its rsum on `protocol`."""
+def _benchmark_modes(benchmark: dict, source: str) -> list[str]:
+    latency = _get(benchmark, ["latency"], source)
+    modes = sorted((m for m in latency if m not in MODES_WITHOUT_RSUM), key=_head_order)
+    for m in ("matching", "alignment", "crossencoder"):
+        if m not in latency:
+            raise PipelineError(f"{source}: missing key 'latency.{m}'")
+    return modes + list(MODES_WITHOUT_RSUM)
+
+
+def _t2i_rsum(record: dict) -> float:
+    return sum(record["t2i"][k] for k in RECALL_KEYS)
+
+
+def efficiency_table(eval_metrics: dict, benchmark: dict, protocol: str = EFFICIENCY_PROTOCOL,
+                     source: str = "benchmark") -> pd.DataFrame:
+    """Per retrieval mode: measured per-query latency (ms, t2i, query encoding included; median and p95,
+    and the search alone), its rsum and t2i rsum on `protocol`, and its speed-up over the cross-encoder.
+
+    Latencies come from the benchmark stage (one device, one gallery: the test split). The cross-encoder
+    row has a cost but no rsum: it is timed, not trained, here.
+    """
     rows = []
-    for head in heads_of(eval_metrics):
-        if head not in latency:
-            raise PipelineError(f"{source}: missing key '{head}' (the head is in the eval metrics)")
-        median = _number(latency, [head, "t2i", "median_ms"], source)
+    cross = _number(benchmark, ["latency", "crossencoder", "median_ms"], source)
+    for mode in _benchmark_modes(benchmark, source):
+        median = _number(benchmark, ["latency", mode, "median_ms"], source)
         if not median > 0:
-            raise PipelineError(f"{source}: '{head}.t2i.median_ms' must be positive, got {median}")
-        row = {"head": head, "t2i median ms": median,
-               "t2i p95 ms": _number(latency, [head, "t2i", "p95_ms"], source)}
-        if "search_median_ms" in latency[head]["t2i"]:  # the search alone, without query encoding
-            row["t2i search ms"] = _number(latency, [head, "t2i", "search_median_ms"], source)
-        row["rsum"] = _number(eval_metrics, [head, protocol, "rsum"], "eval metrics")
+            raise PipelineError(f"{source}: 'latency.{mode}.median_ms' must be positive, got {median}")
+        row = {"mode": mode, "median ms": median, "p95 ms": _number(benchmark, ["latency", mode, "p95_ms"], source),
+               "search ms": (_number(benchmark, ["latency", mode, "search_median_ms"], source)
+                             if "search_median_ms" in benchmark["latency"][mode] else float("nan")),
+               "rsum": float("nan"), "t2i rsum": float("nan"), "speed-up vs cross-encoder": cross / median}
+        if mode not in MODES_WITHOUT_RSUM:
+            if mode not in eval_metrics:
+                raise PipelineError(f"eval metrics: missing key '{mode}' (the mode is in the {source})")
+            record = _get(eval_metrics, [mode, protocol], "eval metrics")
+            row["rsum"] = _number(record, ["rsum"], f"eval metrics {mode}.{protocol}")
+            row["t2i rsum"] = _t2i_rsum(record)
         rows.append(row)
-    return pd.DataFrame(rows).set_index("head")
+    return pd.DataFrame(rows).set_index("mode")
 
 
-def headline(eval_metrics: dict, latency: dict, protocol: str = LATENCY_PROTOCOL) -> str:
-    """One sentence: how much rsum the matching head keeps, at how much lower latency, vs the paper."""
-    lat = latency_table(eval_metrics, latency, protocol)
-    for head in ("alignment", "matching"):
-        if head not in lat.index:
-            raise PipelineError(f"eval metrics: the headline needs the '{head}' head")
-    kept = 100.0 * lat.loc["matching", "rsum"] / lat.loc["alignment", "rsum"]
-    speedup = lat.loc["alignment", "t2i median ms"] / lat.loc["matching", "t2i median ms"]
-    paper_kept = 100.0 * PAPER_EFFICIENCY["matching"]["rsum"] / PAPER_EFFICIENCY["alignment"]["rsum"]
-    paper_speedup = PAPER_EFFICIENCY["alignment"]["latency_s"] / PAPER_EFFICIENCY["matching"]["latency_s"]
-    search = ""
-    if "t2i search ms" in lat.columns:
-        ratio = lat.loc["alignment", "t2i search ms"] / lat.loc["matching", "t2i search ms"]
-        search = f" (query encoding included; the search alone is {ratio:.1f}x faster)"
+def speedup_table(benchmark: dict, source: str = "benchmark") -> pd.DataFrame:
+    """The measured speed-up ratios beside the paper's (PAPER_NUMBERS.md 8), with the gallery they hold for."""
+    measured = _get(benchmark, ["speedup"], source)
+    paper = paper_speedups()
+    n = int(_number(benchmark, ["gallery", "n_images"], source))
+    rows = [{"ratio": name.replace("_", " "), "measured": _number(measured, [name], source), "paper": paper[name],
+             "measured on": f"{n} images, {_get(benchmark, ['device', 'type'], source)}"}
+            for name in ("matching_vs_crossencoder", "matching_vs_alignment", "alignment_vs_crossencoder")]
+    return pd.DataFrame(rows).set_index("ratio")
+
+
+def headline(eval_metrics: dict, benchmark: dict, protocol: str = EFFICIENCY_PROTOCOL) -> str:
+    """One paragraph: how much rsum the matching head keeps, at what measured speed-up, beside the paper."""
+    eff = efficiency_table(eval_metrics, benchmark, protocol)
+    kept = 100.0 * eff.loc["matching", "rsum"] / eff.loc["alignment", "rsum"]
+    sp = speedup_table(benchmark)
+    matching, alignment = paper_point("matching"), paper_point("alignment")
+    paper_kept = 100.0 * matching.t2i_rsum / alignment.t2i_rsum
+    n = int(_number(benchmark, ["gallery", "n_images"], "benchmark"))
     return (f"On {protocol}, the distilled matching head keeps {kept:.1f}% of the alignment head's rsum "
-            f"({lat.loc['matching', 'rsum']:.1f} vs {lat.loc['alignment', 'rsum']:.1f}) at "
-            f"{speedup:.1f}x lower median text-to-image latency per query{search}. The paper's efficiency "
-            f"plot (COCO 5K) puts it at {paper_kept:.1f}% of the rsum at {paper_speedup:.1f}x lower latency.")
+            f"({eff.loc['matching', 'rsum']:.1f} vs {eff.loc['alignment', 'rsum']:.1f}). Measured per text query "
+            f"over {n} images, query encoding included, it is {sp.loc['matching vs alignment', 'measured']:.1f}x "
+            f"faster than the alignment head and {sp.loc['matching vs crossencoder', 'measured']:.1f}x faster "
+            f"than a VinVL-style cross-encoder. The paper's efficiency plot (COCO 5K, constants) has "
+            f"{paper_kept:.1f}% of the t2i rsum at {sp.loc['matching vs alignment', 'paper']:.1f}x and "
+            f"{sp.loc['matching vs crossencoder', 'paper']:.1f}x.")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -272,22 +343,94 @@ def plot_training_curves(history: pd.DataFrame) -> Figure:
 # Efficiency
 
 
-def plot_latency_vs_rsum(eval_metrics: dict, latency: dict, protocol: str = LATENCY_PROTOCOL) -> Figure:
-    """rsum on `protocol` against median per-query t2i latency (ms, log x), one labelled point per head.
+def plot_efficiency(eval_metrics: dict, benchmark: dict, protocol: str = EFFICIENCY_PROTOCOL) -> Figure:
+    """The paper's efficiency-vs-effectiveness plot: t2i rsum (R@1+R@5+R@10) against per-query latency.
 
-    The paper's Figure plots the same two axes (mesnico/ALADIN plot_efficiency_vs_effectiveness.py).
+    Left, our modes as measured by the benchmark stage (ms per text query, log x; the cross-encoder, timed
+    but not trained here, as a vertical line). Right, the points of the paper's plot (its constants in s,
+    log x), our counterparts in the same colours. The axes differ in unit and dataset, so the panels are
+    side by side rather than overlaid; their shapes and the horizontal gaps (ratios) are what compare.
     """
-    points = latency_table(eval_metrics, latency, protocol).reset_index()
-    fig = Figure(figsize=(4.2, 3.2), layout="constrained")
+    eff = efficiency_table(eval_metrics, benchmark, protocol).reset_index()
+    ours = eff[eff["mode"].map(lambda m: m not in MODES_WITHOUT_RSUM)]
+    colours = dict(zip(["matching", "alignment", "crossencoder"], sns.color_palette(n_colors=3)))
+    fig = Figure(figsize=(8.4, 3.4), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    offsets = [(5, 4), (5, -10), (5, 14), (5, -20)]  # staggered so modes with equal rsum stay legible
+    for i, (_, p) in enumerate(ours.iterrows()):
+        colour = colours.get(p["mode"], "0.45")
+        left.scatter(p["median ms"], p["t2i rsum"], s=60, color=colour, zorder=3)
+        left.annotate(p["mode"], (p["median ms"], p["t2i rsum"]), xytext=offsets[i % len(offsets)],
+                      textcoords="offset points", fontsize=7)
+    cross = eff.loc[eff["mode"] == "crossencoder", "median ms"].iloc[0]
+    left.axvline(cross, color=colours["crossencoder"], linestyle="--")
+    left.annotate("cross-encoder\n(cost only)", (cross, ours["t2i rsum"].min()), xytext=(-4, 0),
+                  textcoords="offset points", ha="right", fontsize=7, color=colours["crossencoder"])
+    left.set_xscale("log")
+    left.set_xlim(ours["median ms"].min() / 3, cross * 3)
+    left.margins(y=0.25)
+    left.set(title="this run (measured)", xlabel="median latency per text query (ms, log)",
+             ylabel=f"t2i rsum, R@1+R@5+R@10 ({protocol})")
+    for p in EFFICIENCY:
+        colour = colours.get(p.kind, "0.6")
+        right.scatter(p.latency_s, p.t2i_rsum, s=60, color=colour, marker="s", zorder=3)
+        right.annotate(p.system, (p.latency_s, p.t2i_rsum), xytext=(5, 4), textcoords="offset points", fontsize=7)
+    right.set_xscale("log")
+    right.set_xlim(min(p.latency_s for p in EFFICIENCY) / 3, max(p.latency_s for p in EFFICIENCY) * 5)
+    right.margins(y=0.15)
+    right.set(title="the paper's plot (COCO 5K, constants)", xlabel="system latency (s, log)", ylabel="rsum (t2i, inferred)")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parameter sweep (aladin.sweep)
+
+SWEEP_LINES = (("matching", "coco_5k"), ("matching", "coco_1k_5fold"), ("alignment", "coco_5k"))
+
+
+def sweep_table(sweep: dict, source: str = "sweep") -> pd.DataFrame:
+    """One row per sweep point: the swept value, experiment name and kind, then rsum per head/protocol."""
+    version = _get(sweep, ["schema_version"], source)
+    if version != 1:
+        raise PipelineError(f"{source}: schema_version {version!r} is not supported (expected 1)")
+    param = _get(sweep, ["param"], source)
+    points = _get(sweep, ["points"], source)
+    if not isinstance(points, list):
+        raise PipelineError(f"{source}: 'points' must be a list")
+    rows = []
+    for i, point in enumerate(points):
+        where = f"{source}: points[{i}]"
+        row = {param: _number(point, ["value"], where), "experiment": _get(point, ["name"], where),
+               "kind": _get(point, ["kind"], where)}
+        for head, protocols in sorted(_get(point, ["rsum"], where).items(), key=lambda kv: _head_order(kv[0])):
+            for protocol in sorted(protocols, key=_protocol_order):
+                row[f"{head} {protocol}"] = _number(protocols, [protocol], f"{where}.rsum.{head}")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def plot_sweep(sweep: dict, source: str = "sweep") -> Figure | None:
+    """rsum against the swept param (the matching head on both protocols, the alignment head for reference),
+    or None when the sweep has fewer than two distinct values (nothing to draw yet)."""
+    table = sweep_table(sweep, source)
+    param = sweep["param"]
+    if table.empty or table[param].nunique() < 2:
+        return None
+    fig = Figure(figsize=(5.0, 3.3), layout="constrained")
     ax = fig.subplots()
-    sns.scatterplot(data=points, x="t2i median ms", y="rsum", hue="head", s=70, ax=ax, legend=False)
-    for _, p in points.iterrows():
-        ax.annotate(p["head"], (p["t2i median ms"], p["rsum"]), xytext=(6, 4), textcoords="offset points")
-    ax.set_xscale("log")
-    low, high = points["t2i median ms"].min(), points["t2i median ms"].max()
-    ax.set_xlim(low / 3, high * 3)  # room for the labels on a log axis
-    ax.margins(y=0.2)
-    ax.set(xlabel="median latency per text query, t2i (ms, log scale)", ylabel=f"rsum ({protocol})")
+    for (head, protocol), colour in zip(SWEEP_LINES, sns.color_palette(n_colors=len(SWEEP_LINES))):
+        column = f"{head} {protocol}"
+        if column not in table:
+            continue
+        line = table.groupby(param, sort=True)[column].mean()  # repeated values (seeds) average
+        ax.plot(line.index, line.values, marker="o", color=colour, linestyle="--" if head == "alignment" else "-",
+                label=f"{head}, {protocol}")
+    baseline = table[table["kind"] == "baseline"]
+    if not baseline.empty and "matching coco_5k" in table:
+        ax.scatter(baseline[param], baseline["matching coco_5k"], s=120, facecolors="none", edgecolors="k",
+                   zorder=4, label="committed baseline")
+    ax.set(xlabel=param, ylabel="rsum")
+    ax.legend(fontsize=7)
     return fig
 
 

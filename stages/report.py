@@ -1,16 +1,16 @@
 """Stage: the results report, a papermill run of `notebooks/report.py` exported to HTML.
 
-Reads   --eval-metrics FILE (metrics/eval.json), --latency FILE (metrics/latency.json), --live DIR...
+Reads   --eval-metrics FILE (metrics/eval.json), --benchmark FILE (metrics/benchmark.json), --live DIR...
         (DVCLive folders of the training stages), --qualitative FILE (eval/qualitative.json), --dataset DIR
-        (images named in the qualitative file), --notebook FILE (jupytext py:percent source),
-        params.yaml section report
+        (images named in the qualitative file), --sweep FILE (sweeps/temperature.json, `python -m
+        aladin.sweep`), --notebook FILE (jupytext py:percent source), params.yaml section report
 Writes  --out DIR, owned by this stage and replaced as a whole: report.ipynb (executed), report.html
         (no code, no prompts, parameter cells removed: byte-identical across runs, DVC_AND_NOTEBOOKS.md
         5.5), figures/*.png, tables/results.csv and results.md; --scratch FILE (the converted notebook)
 Run     dvc repro report
-        python -m stages.report --eval-metrics metrics/eval.json --latency metrics/latency.json \
+        python -m stages.report --eval-metrics metrics/eval.json --benchmark metrics/benchmark.json \
             --live dvclive/train_alignment dvclive/train_distill --qualitative eval/qualitative.json \
-            --dataset data/dataset --out reports
+            --dataset data/dataset --sweep sweeps/temperature.json --out reports
 """
 from __future__ import annotations
 
@@ -41,7 +41,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--eval-metrics", required=True)
-    p.add_argument("--latency", required=True)
+    p.add_argument("--benchmark", required=True)
+    p.add_argument("--sweep", required=True)
     p.add_argument("--live", nargs="+", required=True)
     p.add_argument("--qualitative", required=True)
     p.add_argument("--dataset", required=True)
@@ -54,13 +55,15 @@ def parse_args(argv):
 def check_inputs(args, top_k: int) -> None:
     """Fail before the kernel starts: a missing file or a malformed record gives one named error."""
     for label, path, is_dir in [("--notebook", args.notebook, False), ("--eval-metrics", args.eval_metrics, False),
-                                ("--latency", args.latency, False), ("--qualitative", args.qualitative, False),
-                                ("--dataset", args.dataset, True)] + [("--live", d, True) for d in args.live]:
+                                ("--benchmark", args.benchmark, False), ("--qualitative", args.qualitative, False),
+                                ("--sweep", args.sweep, False), ("--dataset", args.dataset, True)] + \
+            [("--live", d, True) for d in args.live]:
         if not (Path(path).is_dir() if is_dir else Path(path).is_file()):
             raise PipelineError(f"{path}: {'folder' if is_dir else 'file'} not found ({label})")
-    evaluation, timing = read_json(args.eval_metrics), read_json(args.latency)
+    evaluation, bench = read_json(args.eval_metrics), read_json(args.benchmark)
     report.build_results_table(evaluation, source=args.eval_metrics)
-    report.latency_table(evaluation, timing, source=args.latency)
+    report.efficiency_table(evaluation, bench, source=args.benchmark)
+    report.sweep_table(read_json(args.sweep), source=args.sweep)
     report.load_histories(args.live)
     qualitative = read_json(args.qualitative)
     stored_k = qualitative.get("top_k") if isinstance(qualitative, dict) else None
@@ -110,9 +113,10 @@ def main(argv=None) -> int:
                     papermill.execute_notebook(
                         str(scratch), str(executed), kernel_name=KERNEL, log_output=False, progress_bar=False,
                         config=KERNEL_CONFIG,
-                        parameters={"eval_metrics": args.eval_metrics, "latency": args.latency,
+                        parameters={"eval_metrics": args.eval_metrics, "benchmark": args.benchmark,
                                     "live_dirs": ",".join(args.live), "qualitative": args.qualitative,
-                                    "dataset_dir": args.dataset, "out_dir": str(out), "top_k": top_k})
+                                    "dataset_dir": args.dataset, "sweep": args.sweep, "out_dir": str(out),
+                                    "top_k": top_k})
                 except papermill.PapermillExecutionError as e:
                     if e.ename in ("PipelineError", "ConfigError"):  # bad input found inside the notebook
                         raise PipelineError(e.evalue) from None

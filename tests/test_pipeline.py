@@ -23,6 +23,8 @@ MICRO = {
     "train_alignment": {"epochs": 2, "batch_size": 16},
     "distill": {"epochs": 2, "batch_size": 16},
     "eval": {"fold_size": 8, "latency_queries": 4, "qualitative_queries": 2},
+    "benchmark": {"latency_queries": 4, "crossencoder_pairs": 32, "sweep_max": 2000, "sweep_queries": 20,
+                  "sweep_timed_queries": 10},
 }
 
 
@@ -96,6 +98,32 @@ def test_temperature_experiment_reruns_only_distillation_onwards(project):
     params = json.loads(run(["dvc", "params", "diff", "--json"], work, env))
     change = params["params.yaml"]["distill.temperature"]
     assert (change["old"], change["new"]) == (6.0, 2.0)
+
+
+def test_queued_temperature_sweep_re_renders_the_report(project):
+    """The README's sweep: three queued experiments run by `dvc exp run --run-all`, collected from
+    `dvc exp show --json` (aladin.sweep) and drawn by a re-rendered report."""
+    work, env = project
+    before = (work / "reports/report.html").read_text()
+    assert "No sweep collected yet" in before
+    run(["dvc", "exp", "run", "--queue", "-S", "distill.temperature=1.0,3.0,4.0"], work, env)
+    out = run(["dvc", "exp", "run", "--run-all", "-j", "1"], work, env)
+    for stage in ("data", "features", "train_alignment"):  # queued runs reuse stage 1 from the cache
+        assert out.count(f"Stage '{stage}' didn't change") + out.count(f"Stage '{stage}' is cached") == 3, out
+    run([sys.executable, "-m", "aladin.sweep", "--out", "sweeps/temperature.json"], work, env)
+    collected = json.loads((work / "sweeps/temperature.json").read_text())
+    values = [p["value"] for p in collected["points"]]
+    assert {1.0, 3.0, 4.0, 6.0} <= set(values) and values == sorted(values)
+    # Each point's rsum is that experiment's own metrics/eval.json, read here through git.
+    for point in collected["points"]:
+        stored = json.loads(run(["git", "show", f"{point['rev']}:metrics/eval.json"], work, env))
+        assert point["rsum"]["matching"]["coco_5k"] == stored["matching"]["coco_5k"]["rsum"]
+    assert len({p["rsum"]["alignment"]["coco_5k"] for p in collected["points"]}) == 1  # stage 1 is shared
+    out = run(["dvc", "repro", "report"], work, env)
+    assert "Running stage 'report'" in out and "Running stage 'train_distill'" not in out
+    html = (work / "reports/report.html").read_text()
+    assert "No sweep collected yet" not in html and "Temperature sweep" in html
+    assert (work / "reports/figures/temperature_sweep.png").is_file()
 
 
 def test_paper_profile_end_to_end_on_a_tiny_coco_fixture(project, tmp_path):

@@ -32,8 +32,13 @@ def evaluation():
 
 
 @pytest.fixture
-def latency():
-    return load("latency.json")
+def bench():
+    return load("benchmark.json")
+
+
+@pytest.fixture
+def sweep_doc():
+    return load("sweep.json")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -93,21 +98,83 @@ def test_format_and_write_tables(evaluation, tmp_path):
     assert "| matching                | coco_5k       |" in markdown and "309.0 |" in markdown
 
 
-def test_latency_table_and_headline(evaluation, latency):
-    lat = report.latency_table(evaluation, latency)
-    assert lat.loc["alignment", "t2i median ms"] == 96.5 and lat.loc["matching", "rsum"] == 309.0
-    assert "t2i search ms" not in lat.columns  # the fixture predates search-only timing
-    with_search = json.loads(json.dumps(latency))
-    with_search["alignment"]["t2i"]["search_median_ms"] = 0.5
-    with_search["matching"]["t2i"]["search_median_ms"] = 0.01
-    assert report.latency_table(evaluation, with_search).loc["alignment", "t2i search ms"] == 0.5
-    assert "the search alone is 50.0x faster" in report.headline(evaluation, with_search)
-    text = report.headline(evaluation, latency)
-    # 309.0 / 328.2 = 94.15%; 96.5 / 1.84 = 52.45x; paper 215 / 224 = 95.98%, 0.098 / 0.023 = 4.26x
+def test_efficiency_table_speedups_and_headline(evaluation, bench):
+    eff = report.efficiency_table(evaluation, bench)
+    assert list(eff.index) == ["alignment", "matching", "crossencoder"]
+    assert eff.loc["matching", "median ms"] == 2.0 and eff.loc["alignment", "search ms"] == 6.0
+    # the fixture's latencies are 2, 8 and 180 ms: 180 / 2 = 90, 180 / 8 = 22.5
+    assert eff["speed-up vs cross-encoder"].tolist() == [22.5, 90.0, 1.0]
+    assert eff.loc["matching", "rsum"] == 309.0 and pd.isna(eff.loc["crossencoder", "rsum"])
+    t2i = evaluation["matching"]["coco_5k"]["t2i"]
+    assert eff.loc["matching", "t2i rsum"] == pytest.approx(t2i["r1"] + t2i["r5"] + t2i["r10"])
+    sp = report.speedup_table(bench)
+    assert sp["measured"].tolist() == [90.0, 4.0, 22.5]
+    # PAPER_NUMBERS.md 8: 2.06 / 0.023 = 89.6, 0.098 / 0.023 = 4.26, 2.06 / 0.098 = 21.0
+    assert [round(v, 1) for v in sp["paper"]] == [89.6, 4.3, 21.0]
+    text = report.headline(evaluation, bench)
+    # 309.0 / 328.2 = 94.15%; paper 215 / 224 = 95.98%
     assert "keeps 94.1% of the alignment head's rsum (309.0 vs 328.2)" in text
-    assert "52.4x lower median" in text and "96.0% of the rsum at 4.3x" in text
-    with pytest.raises(PipelineError, match="latency.json: missing key 'matching'"):
-        report.latency_table(evaluation, {"alignment": latency["alignment"]}, source="latency.json")
+    assert "over 500 images, query encoding included, it is 4.0x faster than the alignment head and 90.0x" in text
+    assert "96.0% of the t2i rsum at 4.3x and 89.6x" in text
+    broken = copy.deepcopy(bench)
+    del broken["latency"]["crossencoder"]
+    with pytest.raises(PipelineError, match="benchmark.json: missing key 'latency.crossencoder'"):
+        report.efficiency_table(evaluation, broken, source="benchmark.json")
+    extra = copy.deepcopy(bench)
+    extra["latency"]["rerank@10"] = dict(bench["latency"]["matching"])
+    with pytest.raises(PipelineError, match="eval metrics: missing key 'rerank@10'"):
+        report.efficiency_table(evaluation, extra)
+
+
+def test_protocols_in_paper_order_and_absent_ones_named(evaluation):
+    metrics = copy.deepcopy(evaluation)
+    for head in ("alignment", "matching"):
+        metrics[head]["vinvl_1k"] = dict(copy.deepcopy(metrics[head]["coco_1k_5fold"]), protocol="vinvl_1k", n_folds=1)
+    table = report.build_results_table(metrics)
+    assert list(dict.fromkeys(table["protocol"])) == ["vinvl_1k", "coco_1k_5fold", "coco_5k"]
+    for head in ("alignment", "matching"):
+        metrics[head]["vinvl_1k"] = {"protocol": "vinvl_1k", "absent": "no key file"}
+    assert report.absent_protocols(metrics) == {"vinvl_1k": "no key file"}
+    assert "vinvl_1k" not in set(report.build_results_table(metrics)["protocol"])
+
+
+def test_comparison_tables_put_published_numbers_beside_ours(evaluation):
+    table = report.build_results_table(evaluation)
+    five_k = report.comparison_table(table, "coco_5k", "coco")
+    assert list(five_k.columns) == report.ANCHOR_COLUMNS
+    assert five_k["system"].tolist()[:2] == ["ours: alignment", "ours: matching"]
+    assert five_k.loc[1, "rsum"] == 309.0 and five_k.loc[1, "status"] == "measured"
+    teran = five_k[five_k["system"] == "TERAN"].iloc[0]
+    # PAPER_NUMBERS.md 2: 55.6/83.9/91.6 | 42.6/72.5/82.9, rsum 429.1 (derived)
+    assert [teran[c] for c in report.RECALL_COLUMNS] == [55.6, 83.9, 91.6, 42.6, 72.5, 82.9]
+    assert teran["rsum"] == 429.1 and teran["status"] == "unverified (third party)"
+    vinvl = five_k[five_k["system"] == "VinVL-base"].iloc[0]
+    assert pd.isna(vinvl["i2t R@10"]) and pd.isna(vinvl["rsum"]) and vinvl["status"] == "verified"
+    shown = report.format_table(five_k)
+    assert shown.loc[five_k["system"] == "VinVL-base", "i2t R@10"].item() == "–"  # never 0
+    assert set(report.comparison_table(table, "coco_1k_5fold", "coco")["system"]) >= {"TERAN", "TERN"}
+    assert report.anchor_table("vinvl_1k")["system"].tolist() == ["VinVL-base"]
+    for protocol in ("vinvl_1k", "coco_1k_5fold", "coco_5k"):
+        anchors = report.anchor_table(protocol)
+        assert not anchors.empty and anchors["source"].str.len().min() > 5
+        assert set(anchors["status"]) <= {"verified", "unverified (aggregator)", "unverified (third party)"}
+
+
+def test_sweep_table_and_plot(sweep_doc):
+    table = report.sweep_table(sweep_doc)
+    assert table["distill.temperature"].tolist() == [2.0, 6.0, 8.0]
+    assert table["matching coco_5k"].tolist() == [300.0, 310.0, 305.0]
+    assert list(table.columns[:3]) == ["distill.temperature", "experiment", "kind"]
+    ax = report.plot_sweep(sweep_doc).axes[0]
+    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+    assert lines["matching, coco_5k"] == ([2.0, 6.0, 8.0], [300.0, 310.0, 305.0])
+    assert lines["alignment, coco_5k"][1] == [320.0, 320.0, 320.0]
+    one = dict(sweep_doc, points=sweep_doc["points"][1:2])
+    assert report.plot_sweep(one) is None  # a single temperature is no sweep yet
+    with pytest.raises(PipelineError, match=r"sweep.json: points\[0\]: missing key 'value'"):
+        bad = copy.deepcopy(sweep_doc)
+        del bad["points"][0]["value"]
+        report.sweep_table(bad, source="sweep.json")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -155,18 +222,19 @@ def test_history_loader_timestamp_resume_and_errors(tmp_path):
 # Figures
 
 
-def figures(evaluation, latency):
+def figures(evaluation, bench):
     qualitative = load("qualitative.json")
     return {
         "training": lambda: report.plot_training_curves(report.load_histories(LIVE_DIRS)),
-        "latency": lambda: report.plot_latency_vs_rsum(evaluation, latency),
+        "efficiency": lambda: report.plot_efficiency(evaluation, bench),
+        "sweep": lambda: report.plot_sweep(load("sweep.json")),
         "qualitative": lambda: report.plot_qualitative(qualitative, FIXTURES / "dataset", head="alignment"),
     }
 
 
-def test_figures_are_byte_identical_pngs(evaluation, latency, tmp_path):
+def test_figures_are_byte_identical_pngs(evaluation, bench, tmp_path):
     report.set_theme()
-    for name, make in figures(evaluation, latency).items():
+    for name, make in figures(evaluation, bench).items():
         fig = make()
         first = report.save_figure(fig, tmp_path / f"{name}-1.png").read_bytes()
         again = report.save_figure(fig, tmp_path / f"{name}-2.png").read_bytes()
@@ -174,7 +242,7 @@ def test_figures_are_byte_identical_pngs(evaluation, latency, tmp_path):
         assert first[:8] == b"\x89PNG\r\n\x1a\n" and len(first) > 1000
         assert first == again == rebuilt, name
         assert b"Software" not in first
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{n}-{i}.png" for n in ("training", "latency", "qualitative") for i in (1, 2, 3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{n}-{i}.png" for n in ("training", "efficiency", "sweep", "qualitative") for i in (1, 2, 3))
 
 
 def test_training_curves_layout():
@@ -187,12 +255,16 @@ def test_training_curves_layout():
     assert (180.6, 288.4, 329.2, 336.8) in ys
 
 
-def test_latency_plot_points(evaluation, latency):
-    ax = report.plot_latency_vs_rsum(evaluation, latency).axes[0]
-    assert ax.get_xscale() == "log"
-    offsets = sorted(map(tuple, ax.collections[0].get_offsets().tolist()))
-    assert offsets == [(1.84, 309.0), (96.5, 328.2)]  # (median t2i ms, coco_5k rsum) per head
-    assert sorted(t.get_text() for t in ax.texts) == ["alignment", "matching"]
+def test_efficiency_plot_points(evaluation, bench):
+    ours, paper = report.plot_efficiency(evaluation, bench).axes
+    assert ours.get_xscale() == paper.get_xscale() == "log"
+    points = sorted(tuple(c.get_offsets().tolist()[0]) for c in ours.collections)
+    t2i = {h: sum(evaluation[h]["coco_5k"]["t2i"][k] for k in ("r1", "r5", "r10")) for h in ("alignment", "matching")}
+    assert points == sorted([(8.0, pytest.approx(t2i["alignment"])), (2.0, pytest.approx(t2i["matching"]))])
+    assert [line.get_xdata()[0] for line in ours.get_lines()] == [180.0]  # the cross-encoder's cost
+    published = sorted(tuple(c.get_offsets().tolist()[0]) for c in paper.collections)
+    assert (pytest.approx(0.115), 215.0) in published and (pytest.approx(10.3), 231.4) in published
+    assert len(published) == 6
 
 
 def test_qualitative_grid_frames_ground_truth():
@@ -223,8 +295,9 @@ def test_qualitative_grid_frames_ground_truth():
 def stage_args(tmp_path, out, **overrides):
     params = tmp_path / "params.yaml"
     params.write_text("report:\n  qualitative_top_k: 3\n")  # the fixture ranks 3 of its 4 images
-    paths = {"--eval-metrics": FIXTURES / "eval.json", "--latency": FIXTURES / "latency.json",
-             "--qualitative": FIXTURES / "qualitative.json", "--dataset": FIXTURES / "dataset"}
+    paths = {"--eval-metrics": FIXTURES / "eval.json", "--benchmark": FIXTURES / "benchmark.json",
+             "--qualitative": FIXTURES / "qualitative.json", "--dataset": FIXTURES / "dataset",
+             "--sweep": FIXTURES / "sweep.json"}
     paths.update(overrides)
     args = ["--params", str(params), "--out", str(out), "--scratch", str(tmp_path / "build" / "report.in.ipynb"),
             "--live", *map(str, LIVE_DIRS)]
@@ -241,14 +314,16 @@ def test_stage_builds_identical_html(tmp_path, capsys):
     html = (outs[0] / "report.html").read_text()
     assert "328.2" in html and "466.6" in html and "31.6" in html  # rsum cells as the table shows them
     assert report.CHANCE_HEAD in html
-    assert html.count("<img") == 4  # latency, training curves, two qualitative grids
+    assert html.count("<img") == 5  # efficiency, sweep, training curves, two qualitative grids
     assert "keeps 94.1% of the alignment head" in html
+    assert "VinVL-large" in html and "unverified (third party)" in html  # the published anchors
+    assert "Excluded experiment <code>exp-c</code>: also changes distill.lr" in html
     assert "tests/fixtures" not in html  # the parameter cells are removed
     assert (outs[0] / "report.html").read_bytes() == (outs[1] / "report.html").read_bytes()
     assert (outs[0] / "report.ipynb").is_file()
     figures = sorted(p.name for p in (outs[0] / "figures").iterdir())
-    assert figures == ["latency_vs_rsum.png", "qualitative_alignment.png", "qualitative_matching.png",
-                       "training_curves.png"]
+    assert figures == ["efficiency_vs_effectiveness.png", "qualitative_alignment.png", "qualitative_matching.png",
+                       "temperature_sweep.png", "training_curves.png"]
     for name in figures:
         assert (outs[0] / "figures" / name).read_bytes() == (outs[1] / "figures" / name).read_bytes()
     assert pd.read_csv(outs[0] / "tables" / "results.csv")["rsum"].tolist()[:2] == [466.6, 451.6]
@@ -256,10 +331,10 @@ def test_stage_builds_identical_html(tmp_path, capsys):
 
 
 def test_stage_missing_input_is_one_error_line(tmp_path, capsys):
-    missing = tmp_path / "metrics" / "latency.json"
-    assert report_stage.main(stage_args(tmp_path, tmp_path / "reports", **{"--latency": missing})) == 1
+    missing = tmp_path / "metrics" / "benchmark.json"
+    assert report_stage.main(stage_args(tmp_path, tmp_path / "reports", **{"--benchmark": missing})) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: {missing}: file not found (--latency)"]
+    assert err == [f"error: {missing}: file not found (--benchmark)"]
     assert not (tmp_path / "reports").exists()
 
 
