@@ -168,6 +168,33 @@ def test_stage_writes_the_benchmark_json(micro, tmp_path, capsys):
     for row in sweep["sizes"].values():
         assert row["speedup_vs_crossencoder"] == pytest.approx(row["crossencoder_ms"] / row["matching_ms"])
         assert row["crossencoder_ms"] == pytest.approx(cross["per_pair_ms"] * row["n"])
+        # every size up to benchmark.alignment_sweep_max also times the alignment head
+        assert ("alignment_ms" in row) == (row["n"] <= settings.alignment_sweep_max)
+        if "alignment_ms" in row:
+            assert row["alignment_ms"] == pytest.approx(lat["alignment"]["encode_median_ms"] + row["alignment_search_ms"])
+            assert row["matching_vs_alignment"] == pytest.approx(row["alignment_ms"] / row["matching_ms"])
+
+
+def test_alignment_search_over_a_tiled_gallery_ranks_like_the_full_matrix(micro):
+    """The timed search is a real search: on a gallery tiled to n images, its scores are the full
+    similarity matrix's columns, repeated."""
+    from aladin.backbone import load_tokenizer
+    from aladin.regions import RegionFeatures
+    from aladin.retrieval import alignment_similarities, encode_split, subset
+    from aladin.splits import load_split
+    from aladin.train import load_model
+
+    cfg = load_params(micro / "params.yaml")
+    features = RegionFeatures(micro / "features", expected_dim=cfg.model.img_feature_dim)
+    split = load_split(micro / "dataset", features, "test", load_tokenizer(micro / "model"), cfg.model, cfg.compat,
+                       cfg.data.captions_per_image)
+    model = load_model(micro / "model", cfg.model, cfg.compat).eval()
+    enc = encode_split(model, split, 8)
+    full = alignment_similarities(model, enc, 4)  # (6, 30)
+    tiled = subset(enc.img_set, torch.arange(15) % 6)
+    scores = model.alignment_scores(tiled, subset(enc.txt_set, torch.tensor([3])), 4)[:, 0]  # (15,)
+    torch.testing.assert_close(scores, full[torch.arange(15) % 6, 3])
+    assert bm.alignment_search_ms(model, enc, 15, 3, 4) > 0
 
 
 def test_stage_names_a_missing_model(micro, tmp_path, capsys):

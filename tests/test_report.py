@@ -111,11 +111,13 @@ def test_efficiency_table_speedups_and_headline(evaluation, bench):
     assert sp["measured"].tolist() == [90.0, 4.0, 22.5]
     # PAPER_NUMBERS.md 8: 2.06 / 0.023 = 89.6, 0.098 / 0.023 = 4.26, 2.06 / 0.098 = 21.0
     assert [round(v, 1) for v in sp["paper"]] == [89.6, 4.3, 21.0]
+    assert sp["measured at 5000 images"].tolist() == [720.0, 20.0, 36.0]  # the fixture's sweep row
     text = report.headline(evaluation, bench)
     # 309.0 / 328.2 = 94.15%; paper 215 / 224 = 95.98%
     assert "keeps 94.1% of the alignment head's rsum (309.0 vs 328.2)" in text
     assert "over 500 images, query encoding included, it is 4.0x faster than the alignment head and 90.0x" in text
     assert "96.0% of the t2i rsum at 4.3x and 89.6x" in text
+    assert "; measured at 5000 images (the gallery grown with the test tokens) 20.0x and 720x." in text
     broken = copy.deepcopy(bench)
     del broken["latency"]["crossencoder"]
     with pytest.raises(PipelineError, match="benchmark.json: missing key 'latency.crossencoder'"):
