@@ -20,7 +20,7 @@ from aladin.backbone import load_tokenizer
 from aladin.benchmark import headline, resolve_device, run_benchmark
 from aladin.config import load_params
 from aladin.io import PipelineError, write_json
-from aladin.regions import RegionFeatures
+from aladin.regions import RegionFeatures, check_model_dim
 from aladin.splits import load_split
 from aladin.train import load_model, seed_everything
 from stages.common import run
@@ -54,6 +54,7 @@ def main(argv=None) -> int:
             raise PipelineError(f"{args.params}: {e}") from None
         seed_everything(params.seed)
         features = RegionFeatures(args.features, expected_dim=params.model.img_feature_dim)
+        check_model_dim(features, args.model)
         test = load_split(args.dataset, features, "test", load_tokenizer(args.model), params.model,
                           params.compat, params.data.captions_per_image)
         model = load_model(args.model, params.model, params.compat).eval()

@@ -9,12 +9,12 @@ import sys
 from typing import Callable
 
 from aladin.config import ConfigError
-from aladin.io import PipelineError
+from aladin.io import PipelineError, error_message
 
 
 def run(main: Callable[[], int]) -> int:
     try:
         return main()
     except (ConfigError, PipelineError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {error_message(e)}", file=sys.stderr)
         return 1

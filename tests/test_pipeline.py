@@ -83,6 +83,24 @@ def test_repro_writes_every_artefact(project):
     assert "<img" in html and f"{metrics['matching']['coco_5k']['rsum']:.1f}" in html
 
 
+def test_results_travel_through_a_dvc_remote(project, tmp_path):
+    """README "Sharing results": push to a remote, clone fresh, pull: nothing to re-run, the report is there."""
+    work, env = project
+    remote = tmp_path / "remote"
+    run(["dvc", "remote", "add", "--local", "-d", "shared", str(remote)], work, env)
+    run(["dvc", "push"], work, env)
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(work), str(clone)], tmp_path, env)
+    env_clone = dict(env, PYTHONPATH=str(clone))
+    run(["dvc", "remote", "add", "--local", "-d", "shared", str(remote)], clone, env_clone)
+    run(["dvc", "pull"], clone, env_clone)
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], clone, env_clone)
+    dry = run(["dvc", "repro", "--dry"], clone, env_clone)
+    assert "Running stage" not in dry and "Stage 'report' didn't change" in dry, dry
+    for path in ("reports/report.html", "models/distill/model.safetensors", "data/features/features.tsv"):
+        assert (clone / path).read_bytes() == (work / path).read_bytes(), path
+
+
 def test_temperature_experiment_reruns_only_distillation_onwards(project):
     work, env = project
     out = run(["dvc", "exp", "run", "-S", "distill.temperature=2.0"], work, env)
