@@ -6,6 +6,8 @@ Inputs, from the `downloads` catalogue (aladin.download):
                        annotations/instances_{train,val}2014.json
     coco_train2014     train2014.zip -> train2014/COCO_train2014_%012d.jpg      (only with data.coco_images)
     coco_val2014       val2014.zip -> val2014/COCO_val2014_%012d.jpg
+    vinvl_test_img_keys_1k  VinVL's coco_ir test_img_keys_1k.tsv, the single 1K test set (ALADIN.md 6.2, 7.5);
+                       not fetched when the entry has no URL (the file is then absent, and so is vinvl_1k)
 Output: the dataset folder layout of `aladin.data`, the same the synthetic source writes:
     dataset_coco.json              the Karpathy file, each image's `filepath` prefixed with `images/`, so that
                                    `load_karpathy`'s file names resolve inside the dataset folder
@@ -13,6 +15,8 @@ Output: the dataset folder layout of `aladin.data`, the same the synthetic sourc
                                    without data.coco_images (features from a VinVL dump need no pixels)
     annotations/captions.json      captions_train2014 + captions_val2014, merged (COCO format)
     annotations/instances.json     instances_train2014 + instances_val2014, merged
+    test_img_keys_1k.tsv           the 1K key file's image ids, one per line in file order, each checked to be an
+                                   image of the Karpathy test split (only when fetched)
 The COCO files are indexed with pycocotools (`pycocotools.coco.COCO`), and every Karpathy image must be a
 COCO image with the same file name. JSON is written with sorted keys and no indentation, so the same
 inputs give the same bytes.
@@ -25,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import DownloadsConfig
-from .data import CAPTIONS_FILE, IMAGES_DIR, INSTANCES_FILE, KARPATHY_FILE, _entries, _field, dumps_compact, link_or_copy
+from .data import (CAPTIONS_FILE, IMAGES_DIR, INSTANCES_FILE, KARPATHY_FILE, SINGLE_1K_FILE, _entries, _field,
+                   dumps_compact, key_rows, link_or_copy, read_img_keys)
 from .download import fetch_param
 from .io import PipelineError, atomic_path, read_json
 
@@ -41,6 +46,7 @@ class Sources:
     captions: dict[str, Path]  # part -> captions_<part>.json
     instances: dict[str, Path]  # part -> instances_<part>.json
     images: dict[str, Path] = field(default_factory=dict)  # part -> folder holding <part>/*.jpg; empty: no images
+    single_1k: Path | None = None  # test_img_keys_1k.tsv; None: downloads.vinvl_test_img_keys_1k has no URL
 
 
 def _find(folder: Path, relative: str, what: str) -> Path:
@@ -66,11 +72,15 @@ def fetch_sources(downloads: DownloadsConfig, coco_images: bool, **download_kwar
         for part in PARTS:
             folder = fetch_param(downloads, f"coco_{part}", extract=True, **download_kwargs)
             images[part] = _find(folder, part, f"coco_{part}").parent
+    single_1k = None
+    if any(url.strip() for url in downloads.vinvl_test_img_keys_1k.urls):
+        single_1k = fetch_param(downloads, "vinvl_test_img_keys_1k", **download_kwargs)
     return Sources(
         karpathy=_find(karpathy, KARPATHY_FILE, "karpathy_split"),
         captions={p: _find(annotations, f"annotations/captions_{p}.json", "coco_annotations") for p in PARTS},
         instances={p: _find(annotations, f"annotations/instances_{p}.json", "coco_annotations") for p in PARTS},
         images=images,
+        single_1k=single_1k,
     )
 
 
@@ -191,6 +201,16 @@ def write_dataset_files(folder: Path, sources: Sources) -> dict[str, int]:
     parts = {p: read_coco(sources.captions[p], "captions") for p in PARTS}
     captions = merge_coco(parts, sources.captions)
     karpathy, counts = rewrite_karpathy(sources, coco_index(captions))
+    keys = []
+    if sources.single_1k is not None:  # checked before the images are linked
+        keys = read_img_keys(sources.single_1k)
+        try:
+            key_rows(sources.single_1k, keys, [e["cocoid"] for e in karpathy["images"] if e["split"] == "test"],
+                     split="Karpathy test")
+        except PipelineError as e:
+            raise PipelineError(f"{e} (downloads.vinvl_test_img_keys_1k; with urls: [] the vinvl_1k protocol is "
+                                "reported absent instead)") from None
+    counts["single_1k"] = len(keys)
     instances = merge_coco({p: read_coco(sources.instances[p], "instances") for p in PARTS}, sources.instances)
     counts["objects"] = len(instances["annotations"])
     counts["linked"] = 0
@@ -207,6 +227,8 @@ def write_dataset_files(folder: Path, sources: Sources) -> dict[str, int]:
     (folder / KARPATHY_FILE).write_text(dumps_compact(karpathy))
     (folder / CAPTIONS_FILE).write_text(dumps_compact(captions))
     (folder / INSTANCES_FILE).write_text(dumps_compact(instances))
+    if keys:
+        (folder / SINGLE_1K_FILE).write_text("".join(f"{key}\n" for key in keys))
     return counts
 
 

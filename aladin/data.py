@@ -8,6 +8,7 @@ One dataset folder holds
                                    "sentid"}]}]}; split is train | val | test (| restval for COCO)
     annotations/captions.json      COCO captions (pycocotools.coco.COCO reads it)
     annotations/instances.json     COCO instances: boxes [x, y, w, h] in pixels, categories = shapes
+    test_img_keys_1k.tsv           the image ids of the single-1K protocol (vinvl_1k), VinVL coco_ir format
 The readers assume nothing synthetic, so that the COCO profile can reuse them (ALADIN.md section 6.1).
 Writers: `aladin.synthetic_data` (data.source synthetic) and `aladin.coco` (data.source coco).
 """
@@ -15,10 +16,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from .io import PipelineError, read_json
@@ -27,6 +30,7 @@ KARPATHY_FILE = "dataset_coco.json"
 CAPTIONS_FILE = "annotations/captions.json"
 INSTANCES_FILE = "annotations/instances.json"
 IMAGES_DIR = "images"
+SINGLE_1K_FILE = "test_img_keys_1k.tsv"  # the images of the vinvl_1k protocol (ALADIN.md 6.2)
 SPLITS = ("train", "val", "test")
 
 
@@ -155,3 +159,46 @@ def link_or_copy(src: str | Path, dst: str | Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copyfile(src, dst)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Key files (VinVL coco_ir)
+
+
+def read_img_keys(path) -> list[int]:
+    """`test_img_keys.tsv` / `test_img_keys_1k.tsv`: one integer image id per line, in file order."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: file not found") from None
+    except UnicodeDecodeError:
+        raise PipelineError(f"{path}: not a text file") from None
+    keys, seen = [], set()
+    for number, line in enumerate(text.splitlines(), start=1):
+        field = line.strip()
+        if not re.fullmatch(r"\d+", field):
+            raise PipelineError(f"{path}:{number}: expected one integer image id, got {line!r}")
+        key = int(field)
+        if key in seen:
+            raise PipelineError(f"{path}:{number}: image id {key} appears twice")
+        seen.add(key)
+        keys.append(key)
+    return keys
+
+
+def key_rows(path, keys: list[int], split_ids: list[int], split: str = "test") -> np.ndarray:
+    """int64 `[K]`: the position in the split of each image id of the key file `path`, sorted (split order).
+
+    `keys` are the file's ids in file order, one per line (`read_img_keys`, which refuses
+    blank lines, so key i is on line i + 1); a key outside the split is refused, naming its line.
+    """
+    if not keys:
+        raise PipelineError(f"{path}: no image id in the file")
+    position = {image_id: i for i, image_id in enumerate(split_ids)}
+    rows = []
+    for line, key in enumerate(keys, start=1):
+        if key not in position:
+            raise PipelineError(f"{path}:{line}: image id {key} is not an image of the {split} split")
+        rows.append(position[key])
+    return np.sort(np.asarray(rows, dtype=np.int64))

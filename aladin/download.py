@@ -532,6 +532,8 @@ def pin_lines(downloads: DownloadsConfig) -> list[str]:
     lines = []
     for key in catalogue_keys(downloads):
         entry = _entry(downloads, key)
+        if not entry.urls:  # an entry switched off (urls: []) names no file to measure
+            continue
         path = param_path(downloads, key)
         if not path.is_file():
             continue

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import platform
+from pathlib import Path
 
 import torch
 
 from .config import EvalConfig
+from .data import SINGLE_1K_FILE, key_rows, read_img_keys
 from .evaluation import evaluate_protocol
 from .model import Aladin
 from .ndcg import rouge_l_relevance
@@ -13,18 +15,33 @@ from .retrieval import EncodedSplit, alignment_similarities, matching_similariti
 from .splits import SplitInputs
 
 SCHEMA_VERSION = 1
-PROTOCOLS = ("coco_1k_5fold", "coco_5k")
+PROTOCOLS = ("vinvl_1k", "coco_1k_5fold", "coco_5k")
+
+
+def single_1k_subset(dataset_dir, split: SplitInputs) -> dict:
+    """The `vinvl_1k` protocol's images: {"keys_file": path, "images": int64 `[K]` rows of `split`}, or
+    {"absent": reason} when the dataset folder has no key file (COCO without downloads.vinvl_test_img_keys_1k).
+    A key that is not an image of `split` is a PipelineError naming the file and line."""
+    path = Path(dataset_dir) / SINGLE_1K_FILE
+    if not path.is_file():
+        return {"absent": f"{path} does not exist: the data stage writes it for data.source synthetic, and for "
+                          "coco from downloads.vinvl_test_img_keys_1k when that entry has a URL"}
+    rows = key_rows(path, read_img_keys(path), [r.image_id for r in split.records])
+    return {"keys_file": str(path), "images": rows}
 
 
 def recall_metrics(model: Aladin, split: SplitInputs, enc: EncodedSplit, cfg: EvalConfig,
-                   dataset: str) -> tuple[dict, dict]:
-    """Metrics of every retrieval mode under both protocols, and the similarity matrices they came from.
+                   dataset: str, single_1k: dict | None = None) -> tuple[dict, dict]:
+    """Metrics of every retrieval mode under every protocol, and the similarity matrices they came from.
 
-    `coco_1k_5fold` is the mean over sequential folds of `eval.fold_size` images (COCO: 5 x 1000);
-    `coco_5k` is the whole test split (ALADIN.md 7.5). Under the synthetic profile the names mean the
-    scaled-down analogues; `n_images` and `n_folds` say what was evaluated. Modes: `matching`,
-    `alignment` and `rerank@k` (the matching head's k best re-scored by the alignment head, k capped by
-    each gallery, i.e. each fold). Every record has NDCG@25 with ROUGE-L relevance (ALADIN.md 7.6).
+    `vinvl_1k` is the one image subset of `single_1k` (`single_1k_subset`: VinVL's `test_img_keys_1k.tsv`)
+    evaluated once, recorded with its `keys_file`, or `{"protocol", "absent": reason, "head"}` without a
+    key file; left out when `single_1k` is None. `coco_1k_5fold` is the mean over sequential folds of
+    `eval.fold_size` images (COCO: 5 x 1000); `coco_5k` is the whole test split (ALADIN.md 7.5). Under the
+    synthetic profile the names mean the scaled-down analogues; `n_images` and `n_folds` say what was
+    evaluated. Modes: `matching`, `alignment` and `rerank@k` (the matching head's k best re-scored by the
+    alignment head, k capped by each gallery, i.e. each fold or the subset). Every record with numbers has
+    NDCG@25 with ROUGE-L relevance (ALADIN.md 7.6).
     """
     sims = {"matching": matching_similarities(enc), "alignment": alignment_similarities(model, enc, cfg.chunk_size)}
     matching, alignment = sims["matching"].cpu().numpy(), sims["alignment"].cpu().numpy()
@@ -35,7 +52,13 @@ def recall_metrics(model: Aladin, split: SplitInputs, enc: EncodedSplit, cfg: Ev
     out = {"schema_version": SCHEMA_VERSION, "dataset": dataset, "split": "test"}
     for head, (s, rerank) in modes.items():
         out[head] = {}
-        for protocol, fold_size in zip(PROTOCOLS, (cfg.fold_size, None)):
+        if single_1k is not None and "absent" in single_1k:
+            out[head]["vinvl_1k"] = {"protocol": "vinvl_1k", "absent": single_1k["absent"], "head": head}
+        elif single_1k is not None:
+            record = evaluate_protocol(s, split.image_of_caption, protocol="vinvl_1k", relevance=relevance,
+                                       rerank=rerank, images=single_1k["images"])
+            out[head]["vinvl_1k"] = dict(record, keys_file=single_1k["keys_file"], head=head)
+        for protocol, fold_size in (("coco_1k_5fold", cfg.fold_size), ("coco_5k", None)):
             record = evaluate_protocol(s, split.image_of_caption, fold_size=fold_size, protocol=protocol,
                                        relevance=relevance, rerank=rerank)
             out[head][protocol] = dict(record, head=head)

@@ -1,5 +1,9 @@
 """Retrieval metrics of a similarity matrix (ALADIN.md sections 7.4 and 7.5).
 
+Protocols (`evaluate_protocol`, ALADIN.md 7.5): the whole matrix (`coco_5k`), the mean over sequential folds
+(`coco_1k_5fold`), or one image subset evaluated once (`vinvl_1k`: the images of VinVL's `test_img_keys_1k.tsv`,
+`SINGLE_1K_FILE` in the dataset folder, and their own captions).
+
 Every `sims` here is `[N, M]`: N images on rows, M captions on columns (torch tensor or numpy array).
 `image_of_caption[c]` is the image that caption c describes; when it is None the captions are grouped
 per image in order, M // N each (caption c belongs to image c // (M // N), the COCO layout).
@@ -30,6 +34,7 @@ import math
 
 import numpy as np
 
+from .io import PipelineError
 from .ndcg import RANK, SPICE_ABSENT, mean_ndcg_i2t, mean_ndcg_t2i, ndcg_per_query
 
 KS = (1, 5, 10)
@@ -247,16 +252,46 @@ def _as_relevance(relevance, n_images: int, n_captions: int) -> np.ndarray | Non
     return relevance
 
 
+def _as_images(images, n_images: int) -> np.ndarray:
+    """int64 `[K]` distinct row indices of an image subset."""
+    if hasattr(images, "detach"):
+        images = images.detach().cpu().numpy()
+    images = np.asarray(images)
+    if images.ndim != 1 or images.size == 0 or not np.issubdtype(images.dtype, np.integer):
+        raise ValueError(f"images must be a non-empty 1-d array of image indices, got shape {images.shape} "
+                         f"of {images.dtype}")
+    images = images.astype(np.int64)
+    if images.min() < 0 or images.max() >= n_images:
+        raise ValueError(f"images must lie in [0, {n_images}), got {images.min()} .. {images.max()}")
+    if len(np.unique(images)) != len(images):
+        raise ValueError("images lists an image twice")
+    return images
+
+
+def _gallery(sims: np.ndarray, ioc: np.ndarray, images: np.ndarray, relevance: np.ndarray | None,
+             align: np.ndarray | None, k: int | None) -> dict:
+    """`_record` of the sub-matrix of `images` (rows, in the given order) and their own captions (columns,
+    in their original order): captions of other images take no part, as in TERAN's folds."""
+    row = np.full(sims.shape[0], -1, dtype=np.int64)  # (N,) image index -> its row in the sub-matrix
+    row[images] = np.arange(len(images))
+    captions = np.flatnonzero(row[ioc] >= 0)  # (m,)
+    return _record(sims[images][:, captions], row[ioc[captions]],
+                   None if relevance is None else relevance[captions][:, images],
+                   None if align is None else (align[images][:, captions], k))
+
+
 def evaluate_protocol(sims, image_of_caption=None, fold_size: int | None = None, protocol: str = "coco_5k",
-                      relevance=None, rerank=None) -> dict:
+                      relevance=None, rerank=None, images=None) -> dict:
     """One metrics record (DVC_AND_NOTEBOOKS.md 9.2) for a retrieval protocol (ALADIN.md 7.5).
 
-    Without `fold_size`: the whole matrix, n_folds 1. With `fold_size`: images are split in order into
-    floor(N / fold_size) folds (trailing images that fill no fold are left out); fold f scores images
-    f*fold_size .. (f+1)*fold_size - 1 against their own captions only (the sub-matrix), as TERAN's
-    `evalrank(fold5=True)`. Top-level metrics are then the means over folds, rsum is recomputed from the
-    averaged recalls (= the mean of the fold rsums), `n_images` and `n_captions` are per fold (the mean
-    when folds differ in caption count), and "folds" holds each fold's record keyed "0", "1", ... (an
+    Without `fold_size` or `images`: the whole matrix, n_folds 1. With `images` (indices of a subset of
+    the N images, e.g. those of VinVL's single 1K key file): that subset evaluated once, as one gallery of
+    those images and their own captions only (the sub-matrix), n_folds 1. With `fold_size`: images are
+    split in order into floor(N / fold_size) folds (trailing images that fill no fold are left out); fold f
+    scores images f*fold_size .. (f+1)*fold_size - 1 against their own captions only (the sub-matrix), as
+    TERAN's `evalrank(fold5=True)`. Top-level metrics are then the means over folds, rsum is recomputed
+    from the averaged recalls (= the mean of the fold rsums), `n_images` and `n_captions` are per fold (the
+    mean when folds differ in caption count), and "folds" holds each fold's record keyed "0", "1", ... (an
     object, because DVC drops lists).
 
     Args:
@@ -264,7 +299,8 @@ def evaluate_protocol(sims, image_of_caption=None, fold_size: int | None = None,
             rouge_l_relevance`): adds `ndcg_rougeL_i2t`/`ndcg_rougeL_t2i` (NDCG@25, per fold then the
             mean) and `ndcg_spice` = the reason it is absent.
         rerank: optional (alignment sims `[N, M]`, k): `sims` is then the first-stage (matching) score
-            and each gallery's (fold's) k best items per query are re-scored by the alignment sims.
+            and each gallery's (fold's, subset's) k best items per query are re-scored by the alignment sims.
+        images: optional `[K]` distinct image indices; excludes `fold_size`.
 
     Returns:
         {"protocol", "n_images", "n_captions", "n_folds", "i2t", "t2i", "rsum", "chance"[, "folds"]
@@ -275,7 +311,7 @@ def evaluate_protocol(sims, image_of_caption=None, fold_size: int | None = None,
     n_images, n_captions = sims.shape
     ioc = _as_image_of_caption(image_of_caption, n_images, n_captions)
     relevance = _as_relevance(relevance, n_images, n_captions)
-    align = None
+    align, k = None, None
     if rerank is not None:
         align, k = rerank
         align = _as_sims(align)
@@ -288,6 +324,11 @@ def evaluate_protocol(sims, image_of_caption=None, fold_size: int | None = None,
         extra["ndcg_spice"] = SPICE_ABSENT
     if rerank is not None:
         extra["rerank_k"] = k
+    if images is not None:
+        if fold_size is not None:
+            raise ValueError("give fold_size or images, not both")
+        record = _gallery(sims, ioc, _as_images(images, n_images), relevance, align, k)
+        return {"protocol": protocol, "n_folds": 1, **record, **extra}
     if fold_size is None:
         record = _record(sims, ioc, relevance, None if align is None else (align, k))
         return {"protocol": protocol, "n_folds": 1, **record, **extra}
@@ -295,14 +336,8 @@ def evaluate_protocol(sims, image_of_caption=None, fold_size: int | None = None,
     if not isinstance(fold_size, int) or isinstance(fold_size, bool) or not 1 <= fold_size <= n_images:
         raise ValueError(f"fold_size must be an integer in [1, {n_images}] (the number of images), got {fold_size!r}")
     n_folds = n_images // fold_size
-    folds = []
-    for f in range(n_folds):
-        first = f * fold_size
-        images = slice(first, first + fold_size)
-        captions = np.flatnonzero((ioc >= first) & (ioc < first + fold_size))  # (m_f,), original order
-        folds.append(_record(sims[images][:, captions], ioc[captions] - first,
-                             None if relevance is None else relevance[captions][:, images],
-                             None if align is None else (align[images][:, captions], k)))
+    folds = [_gallery(sims, ioc, np.arange(f * fold_size, (f + 1) * fold_size), relevance, align, k)
+             for f in range(n_folds)]
 
     i2t_m, t2i_m = _mean_of(folds, "i2t"), _mean_of(folds, "t2i")
     chance_i2t, chance_t2i = _mean_of([r["chance"] for r in folds], "i2t"), _mean_of([r["chance"] for r in folds], "t2i")
@@ -327,3 +362,7 @@ def evaluate_protocol(sims, image_of_caption=None, fold_size: int | None = None,
     if align is not None:
         out["shortlist"] = folds[0]["shortlist"]  # equal sized folds: t2i equal; i2t per the first fold
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# The single 1K key file

@@ -324,25 +324,3 @@ def read_captions_pt(path) -> dict[int, list[str]]:
             raise PipelineError(f"{path}: image id {image_id} appears twice")
         out[image_id] = list(value)
     return out
-
-
-def read_img_keys(path) -> list[int]:
-    """`test_img_keys.tsv` / `test_img_keys_1k.tsv`: one integer image id per line, in file order."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: file not found") from None
-    except UnicodeDecodeError:
-        raise PipelineError(f"{path}: not a text file") from None
-    keys, seen = [], set()
-    for number, line in enumerate(text.splitlines(), start=1):
-        field = line.strip()
-        if not re.fullmatch(r"\d+", field):
-            raise PipelineError(f"{path}:{number}: expected one integer image id, got {line!r}")
-        key = int(field)
-        if key in seen:
-            raise PipelineError(f"{path}:{number}: image id {key} appears twice")
-        seen.add(key)
-        keys.append(key)
-    return keys

@@ -249,6 +249,11 @@ def speedup_table(benchmark: dict, source: str = "benchmark") -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("ratio")
 
 
+def _times(ratio: float) -> str:
+    """A speed-up ratio in words; below 1 it is a slow-down (a tiny gallery can make the heads cross)."""
+    return f"{ratio:.1f}x faster" if ratio >= 1 else f"{1 / ratio:.1f}x slower"
+
+
 def _at_size(sp: pd.DataFrame) -> str:
     column = next((c for c in sp.columns if c.startswith("measured at ")), None)
     if column is None:
@@ -267,8 +272,8 @@ def headline(eval_metrics: dict, benchmark: dict, protocol: str = EFFICIENCY_PRO
     n = int(_number(benchmark, ["gallery", "n_images"], "benchmark"))
     return (f"On {protocol}, the distilled matching head keeps {kept:.1f}% of the alignment head's rsum "
             f"({eff.loc['matching', 'rsum']:.1f} vs {eff.loc['alignment', 'rsum']:.1f}). Measured per text query "
-            f"over {n} images, query encoding included, it is {sp.loc['matching vs alignment', 'measured']:.1f}x "
-            f"faster than the alignment head and {sp.loc['matching vs crossencoder', 'measured']:.1f}x faster "
+            f"over {n} images, query encoding included, it is {_times(sp.loc['matching vs alignment', 'measured'])} "
+            f"than the alignment head and {_times(sp.loc['matching vs crossencoder', 'measured'])} "
             f"than a VinVL-style cross-encoder{_at_size(sp)}. The paper's efficiency plot (COCO 5K, constants) has "
             f"{paper_kept:.1f}% of the t2i rsum at {sp.loc['matching vs alignment', 'paper']:.1f}x and "
             f"{sp.loc['matching vs crossencoder', 'paper']:.1f}x.")

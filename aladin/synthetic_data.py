@@ -1,16 +1,24 @@
 """The synthetic world written as a dataset folder in the formats of the paper profile (see `aladin.data`).
 
 Kept apart from the readers in `aladin.data`, so that the stages that only read a dataset do not depend
-on how the synthetic one is generated.
+on how the synthetic one is generated. Besides the files of `aladin.data` the folder holds
+`test_img_keys_1k.tsv`, the analogue of VinVL's single 1K test set (ALADIN.md 6.2, 7.5): `data.single_1k_size`
+test image ids drawn from the seed, one per line in test-split order.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from . import synthetic
 from .config import DataConfig
-from .data import CAPTIONS_FILE, IMAGES_DIR, INSTANCES_FILE, KARPATHY_FILE, SPLITS, dumps_compact
+from .data import CAPTIONS_FILE, IMAGES_DIR, INSTANCES_FILE, KARPATHY_FILE, SINGLE_1K_FILE, SPLITS, dumps_compact
 from .io import PipelineError, atomic_path
+
+# The key file's own random stream: a two-word seed [seed, 1000] is no image's [seed, k, stream]
+# (aladin.synthetic), so drawing it shifts no other randomness.
+SINGLE_1K_STREAM = 1000
 
 
 def _split_of(index: int, cfg: DataConfig) -> str:
@@ -18,6 +26,22 @@ def _split_of(index: int, cfg: DataConfig) -> str:
     if index < cfg.n_train:
         return "train"
     return "val" if index < cfg.n_train + cfg.n_val else "test"
+
+
+def single_1k_rows(seed: int, n_test: int, size: int) -> np.ndarray:
+    """int64 `[size]`: sorted positions in the test split of the single-1K analogue (`size` capped at n_test).
+
+    A uniform draw without replacement, redrawn while it is the first `size` test images (a fold-0 of that
+    size), so the vinvl_1k protocol never silently repeats a fold of coco_1k_5fold when it can differ.
+    """
+    if size < 1:
+        raise PipelineError(f"data.single_1k_size must be positive, got {size}")
+    size = min(size, n_test)  # params validation refuses more; a library caller gets the whole split
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, SINGLE_1K_STREAM])))
+    while True:
+        rows = np.sort(rng.choice(n_test, size=size, replace=False)).astype(np.int64)
+        if size == n_test or rows[-1] != size - 1:  # sorted distinct rows 0..size-1 end at size - 1
+            return rows
 
 
 def write_dataset(out_dir, cfg: DataConfig, seed: int) -> dict[str, int]:
@@ -65,6 +89,10 @@ def write_dataset_files(tmp: Path, cfg: DataConfig, seed: int) -> dict[str, int]
                 "attributes": [obj.size, obj.colour],  # VinVL-style attribute words of the object
             })
         counts[split] += 1
+    first_test = cfg.n_train + cfg.n_val
+    rows = single_1k_rows(seed, cfg.n_test, cfg.single_1k_size)
+    (tmp / SINGLE_1K_FILE).write_text("".join(f"{first_test + int(r) + 1}\n" for r in rows))  # image id = k + 1
+    counts["single_1k"] = len(rows)
     info = {"description": f"ALADIN synthetic shapes world, seed {seed}", "version": "1"}
     (tmp / KARPATHY_FILE).write_text(dumps_compact({"dataset": "coco", "images": karpathy}))
     (tmp / CAPTIONS_FILE).write_text(dumps_compact(

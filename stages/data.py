@@ -2,12 +2,15 @@
 
 Reads   --params FILE (sections seed, data, backbone, downloads, model.img_feature_dim)
         data.source synthetic: generates the shapes world (data.n_train, n_val, n_test, captions_per_image,
-            image_size, min_objects, max_objects, background_noise are read only here)
-        data.source coco: fetches the Karpathy split, the COCO 2014 caption and instance annotations and, with
+            image_size, min_objects, max_objects, background_noise, single_1k_size are read only here)
+        data.source coco: fetches the Karpathy split, the COCO 2014 caption and instance annotations, VinVL's
+            test_img_keys_1k.tsv (unless downloads.vinvl_test_img_keys_1k has no URL) and, with
             data.coco_images, the train2014/val2014 images, per the downloads catalogue (aladin/download.py,
             aladin/coco.py); the synthetic-only keys above are ignored
 Writes  --out DIR             images/, dataset_coco.json (Karpathy split), annotations/captions.json and
-                              annotations/instances.json (COCO formats); see aladin/data.py
+                              annotations/instances.json (COCO formats), see aladin/data.py; test_img_keys_1k.tsv,
+                              the test images of the vinvl_1k protocol (synthetic: data.single_1k_size drawn from
+                              the seed; coco: VinVL's, checked against the Karpathy test split)
         --backbone-out DIR    optional: the initial backbone in the VinVL/Oscar layout (config.json, vocab.txt,
                               weights) per backbone.init: random (vocabulary = every caption word and tag),
                               vinvl (the coco_ir checkpoint, checked and copied) or bert-base-uncased
@@ -79,15 +82,17 @@ def main(argv: list[str] | None = None) -> int:
                 what = bert_init.write_backbone_files(folder, params.backbone, backbone_source,
                                                       params.model.img_feature_dim, params.seed, words)
                 note = f"; backbone ({what}) in {args.backbone_out}"
+        single_1k = (f"test_img_keys_1k.tsv ({counts['single_1k']} of the test images)" if counts["single_1k"] else
+                     "no test_img_keys_1k.tsv (downloads.vinvl_test_img_keys_1k has no URL)")
         if coco:
             images = f"{counts['linked']} images linked" if counts["linked"] else "no images (data.coco_images: false)"
             print(f"data: {counts['images']} COCO images ({counts['train'] + counts['restval']} train incl. "
                   f"{counts['restval']} restval, {counts['val']} val, {counts['test']} test), {counts['captions']} "
-                  f"captions, {counts['objects']} objects, {images} in {args.out}{note}")
+                  f"captions, {counts['objects']} objects, {images}, {single_1k} in {args.out}{note}")
         else:
             print(f"data: {counts['images']} images ({counts['train']} train, {counts['val']} val, "
-                  f"{counts['test']} test), {counts['captions']} captions, {counts['objects']} objects "
-                  f"in {args.out}{note}")
+                  f"{counts['test']} test), {counts['captions']} captions, {counts['objects']} objects, "
+                  f"{single_1k} in {args.out}{note}")
         return 0
 
     return run(body)

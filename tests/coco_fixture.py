@@ -11,6 +11,8 @@ deepimagesent, cocodataset.org/#format-data):
                                     "cocoid", "sentids", "sentences": [{"tokens", "raw", "imgid", "sentid"}]}]}
     annotations_trainval2014.zip    annotations/captions_{train,val}2014.json, instances_{train,val}2014.json
     train2014.zip, val2014.zip      train2014/COCO_train2014_%012d.jpg, val2014/COCO_val2014_%012d.jpg
+    test_img_keys_1k.tsv            VinVL coco_ir's single 1K test set: one cocoid per line (here every other
+                                    test image, from the last: not fold 0, and not in split order)
 Karpathy's train images come from train2014; restval, val and test from val2014, as in the real split. The
 pictures are the synthetic shapes world (aladin.synthetic) saved as JPEG: the instance boxes are the drawn
 shapes and the captions are true of them ("a red square to the left of a blue circle"), so a tiny run can
@@ -35,7 +37,7 @@ from loopback import Route
 
 ZIP_TIME = (2014, 9, 1, 0, 0, 0)  # fixed member timestamps: deterministic archive bytes
 CATEGORY_IDS = (1, 2, 3, 5, 7, 8, 11)  # sparse, like COCO's 1..90 with gaps
-COCO_FILES = ("karpathy_split", "coco_annotations", "coco_train2014", "coco_val2014")
+COCO_FILES = ("karpathy_split", "coco_annotations", "coco_train2014", "coco_val2014", "vinvl_test_img_keys_1k")
 
 
 def cocoid(k: int) -> int:
@@ -63,11 +65,11 @@ def _json(obj) -> bytes:
 
 def write_coco_world(root, n_train: int = 20, n_val: int = 8, n_test: int = 8, seed: int = 0, n_restval: int = 4,
                      image_size: int = 64) -> dict:
-    """Write the four upstream archives under `root`; returns
+    """Write the four upstream archives and the 1K key file under `root`; returns
 
     {"files": {catalogue key: archive path}, "images": [{"cocoid", "split", "part", "file_name", "captions",
     "boxes": [(x1, y1, x2, y2, category name)]}] in Karpathy file order, "karpathy": the dataset_coco.json
-    document, "categories": {name: id}}.
+    document, "categories": {name: id}, "single_1k": the key file's cocoids in file order}.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -128,13 +130,17 @@ def write_coco_world(root, n_train: int = 20, n_val: int = 8, n_test: int = 8, s
         annotations.append((f"annotations/instances_{part}.json", _json(
             {"info": info, "images": coco[part]["images"], "licenses": licenses,
              "annotations": coco[part]["instances"], "categories": cats})))
+    test_ids = [i["cocoid"] for i in images if i["split"] == "test"]
+    single_1k = test_ids[1::2][::-1]
+    (root / "test_img_keys_1k.tsv").write_text("".join(f"{i}\n" for i in single_1k))
     files = {
         "karpathy_split": _zip(root / "caption_datasets.zip", [("dataset_coco.json", _json(doc))]),
         "coco_annotations": _zip(root / "annotations_trainval2014.zip", annotations),
         "coco_train2014": _zip(root / "train2014.zip", [("train2014/", None)] + sorted(jpegs["train2014"])),
         "coco_val2014": _zip(root / "val2014.zip", [("val2014/", None)] + sorted(jpegs["val2014"])),
+        "vinvl_test_img_keys_1k": root / "test_img_keys_1k.tsv",
     }
-    return {"files": files, "images": images, "karpathy": doc, "categories": categories}
+    return {"files": files, "images": images, "karpathy": doc, "categories": categories, "single_1k": single_1k}
 
 
 def checkpoint_files(folder, init: str = "vinvl") -> dict[str, Path]:

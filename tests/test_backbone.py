@@ -119,7 +119,7 @@ def vinvl(tmp_path):
 
 
 def _stage_params(tmp_path, backbone: dict, downloads: dict | None = None, img_feature_dim: int = 10):
-    raw = {"seed": 2, "data": {"n_train": 3, "n_val": 2, "n_test": 2, "image_size": 48},
+    raw = {"seed": 2, "data": {"n_train": 3, "n_val": 2, "n_test": 2, "image_size": 48, "single_1k_size": 1},
            "backbone": backbone, "model": {"img_feature_dim": img_feature_dim}, "eval": {"fold_size": 2}}
     if downloads is not None:
         raw["downloads"] = downloads

@@ -113,7 +113,7 @@ def test_cross_encoder_scores_each_pair_alone(tiny_inputs):
 # The stage on a micro dataset
 
 MICRO = {
-    "data": {"n_train": 6, "n_val": 4, "n_test": 6, "image_size": 64},
+    "data": {"n_train": 6, "n_val": 4, "n_test": 6, "image_size": 64, "single_1k_size": 3},
     "backbone": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32},
     "features": {"min_size": 64, "max_size": 112},
     "model": {"matching_ff": 16},

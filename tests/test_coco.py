@@ -14,6 +14,7 @@ from loopback import server  # noqa: F401  (a fixture)
 from PIL import Image
 
 from aladin import coco, data
+from aladin.data import SINGLE_1K_FILE, read_img_keys
 from stages import data as stage
 
 N = dict(n_train=6, n_restval=2, n_val=3, n_test=3)
@@ -46,8 +47,12 @@ def test_coco_dataset_through_the_stage(world, server, tmp_path, capsys):  # noq
     assert _run(params, out, bb) == 0
     summary = capsys.readouterr().out.strip().splitlines()
     assert summary == [f"data: 14 COCO images (8 train incl. 2 restval, 3 val, 3 test), 71 captions, "
-                       f"{sum(len(i['boxes']) for i in world['images'])} objects, 14 images linked in {out}; "
+                       f"{sum(len(i['boxes']) for i in world['images'])} objects, 14 images linked, "
+                       f"test_img_keys_1k.tsv (1 of the test images) in {out}; "
                        f"backbone (random 2-layer BERT (hidden 64)) in {bb}"]
+    # VinVL's 1K key file, checked against the Karpathy test split, its ids in file order
+    test_ids = [i["cocoid"] for i in world["images"] if i["split"] == "test"]
+    assert read_img_keys(out / SINGLE_1K_FILE) == world["single_1k"] == [test_ids[1]]
 
     # Splits in Karpathy file order, restval in train; the raw captions, stripped.
     for split, wanted in (("train", ("train", "restval")), ("val", ("val",)), ("test", ("test",))):
@@ -193,6 +198,28 @@ def test_unpinned_download_is_refused_by_default(world, server, tmp_path, capsys
     downloads["allow_unverified"] = True
     assert _run(_params(tmp_path, downloads), out) == 0
     assert "warning: downloads.karpathy_split:" in capsys.readouterr().err
+
+
+def test_a_1k_key_outside_the_test_split_is_named_with_its_line(world, server, tmp_path, capsys):  # noqa: F811
+    test_ids = [i["cocoid"] for i in world["images"] if i["split"] == "test"]
+    val_id = next(i["cocoid"] for i in world["images"] if i["split"] == "val")
+    keys = f"{test_ids[0]}\n{test_ids[2]}\n{val_id}\n".encode()
+    params = _params(tmp_path, serve(server, dict(world["files"], vinvl_test_img_keys_1k=keys), tmp_path / "dl"))
+    out, bb = tmp_path / "out" / "dataset", tmp_path / "out" / "backbone"
+    (tmp_path / "out").mkdir()
+    assert _run(params, out, bb) == 1
+    _assert_failed_cleanly(capsys, tmp_path, out, bb, f"{tmp_path / 'dl' / SINGLE_1K_FILE}:3: image id {val_id} "
+                           "is not an image of the Karpathy test split")
+
+
+def test_without_a_1k_key_url_nothing_is_fetched_and_no_key_file_written(world, server, tmp_path, capsys):  # noqa: F811
+    downloads = serve(server, world["files"], tmp_path / "dl")
+    downloads["vinvl_test_img_keys_1k"]["urls"] = []  # a user without access to VinVL's coco_ir blob
+    params = _params(tmp_path, downloads, data={"source": "coco", "coco_images": False})
+    assert _run(params, tmp_path / "dataset") == 0
+    assert "no test_img_keys_1k.tsv (downloads.vinvl_test_img_keys_1k has no URL)" in capsys.readouterr().out
+    assert not (tmp_path / "dataset" / SINGLE_1K_FILE).exists()
+    assert not any("vinvl_test_img_keys_1k" in path for path, _ in server.log.requests)
 
 
 def test_fixture_images_show_their_boxes(world):

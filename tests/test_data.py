@@ -11,9 +11,10 @@ from pycocotools.coco import COCO
 from aladin import data, synthetic, synthetic_data
 from aladin.config import DataConfig
 from aladin.io import PipelineError
+from aladin.data import SINGLE_1K_FILE, read_img_keys
 from stages import data as stage
 
-TINY = DataConfig(n_train=8, n_val=3, n_test=4, image_size=64)
+TINY = DataConfig(n_train=8, n_val=3, n_test=4, image_size=64, single_1k_size=2)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 def test_layout_and_counts(dataset):
     files = _files(dataset)
     assert set(files) == {"dataset_coco.json", "annotations/captions.json", "annotations/instances.json",
-                          *(f"images/synthetic_{k:06d}.png" for k in range(15))}
+                          SINGLE_1K_FILE, *(f"images/synthetic_{k:06d}.png" for k in range(15))}
     doc = json.loads(files["dataset_coco.json"])
     assert doc["dataset"] == "coco"
     splits = [im["split"] for im in doc["images"]]
@@ -56,6 +57,38 @@ def test_rewrite_is_byte_identical_and_image_k_does_not_depend_on_the_size(datas
     other = tmp_path / "other"
     synthetic_data.write_dataset(other, DataConfig(n_train=1, n_val=1, n_test=1, image_size=64), seed=12)
     assert _files(other)["images/synthetic_000000.png"] != first["images/synthetic_000000.png"]
+
+
+def test_single_1k_key_file_is_a_seeded_test_subset_that_is_not_fold_0(dataset, tmp_path):
+    keys = read_img_keys(dataset / SINGLE_1K_FILE)  # VinVL's coco_ir format, as evaluate reads it
+    test_ids = [r.image_id for r in data.load_karpathy(dataset, "test")]  # 12..15
+    assert len(keys) == 2 and keys == sorted(keys) and set(keys) <= set(test_ids)
+    assert keys != test_ids[:2]  # the first fold of 2: the vinvl_1k and coco_1k_5fold protocols differ
+    assert keys == [test_ids[int(r)] for r in synthetic_data.single_1k_rows(11, 4, 2)]
+    # Its own random stream: another size changes the key file and nothing else, byte for byte.
+    other = tmp_path / "other"
+    synthetic_data.write_dataset(other, DataConfig(n_train=8, n_val=3, n_test=4, image_size=64,
+                                                   single_1k_size=3), seed=11)
+    first, second = _files(dataset), _files(other)
+    assert len(read_img_keys(other / SINGLE_1K_FILE)) == 3
+    assert {k: v for k, v in first.items() if k != SINGLE_1K_FILE} == \
+        {k: v for k, v in second.items() if k != SINGLE_1K_FILE}
+
+
+def test_single_1k_rows_draw():
+    for seed in range(40):  # 1 of 3 images: without the redraw, a third of the seeds would give fold 0
+        rows = synthetic_data.single_1k_rows(seed, 3, 1)
+        assert rows.tolist() in ([1], [2])
+        rows = synthetic_data.single_1k_rows(seed, 5, 2)
+        assert rows.tolist() != [0, 1] and len(set(rows.tolist())) == 2 and rows.tolist() == sorted(rows.tolist())
+    assert synthetic_data.single_1k_rows(0, 4, 4).tolist() == [0, 1, 2, 3]  # the whole split: nothing else to draw
+    assert synthetic_data.single_1k_rows(0, 4, 9).tolist() == [0, 1, 2, 3]  # capped (params refuse it earlier)
+    big = synthetic_data.single_1k_rows(0, 500, 100)
+    assert big.dtype == np.int64 and len(np.unique(big)) == 100 and big.min() >= 0 and big.max() < 500
+    assert big.tolist() == synthetic_data.single_1k_rows(0, 500, 100).tolist()
+    assert big.tolist() != synthetic_data.single_1k_rows(1, 500, 100).tolist()
+    with pytest.raises(PipelineError, match="data.single_1k_size must be positive"):
+        synthetic_data.single_1k_rows(0, 4, 0)
 
 
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside pycocotools
@@ -186,7 +219,7 @@ def _params(tmp_path: Path, data_section: str) -> Path:
     return path
 
 
-SMALL = "  n_train: 4\n  n_val: 2\n  n_test: 2\n  image_size: 48\n"
+SMALL = "  n_train: 4\n  n_val: 2\n  n_test: 2\n  image_size: 48\n  single_1k_size: 1\n"
 
 
 def test_stage_writes_the_dataset_and_a_backbone_covering_every_caption(tmp_path, capsys):
@@ -196,6 +229,8 @@ def test_stage_writes_the_dataset_and_a_backbone_covering_every_caption(tmp_path
     assert stage.main(["--params", str(_params(tmp_path, SMALL)), "--out", str(out), "--backbone-out", str(bb)]) == 0
     summary = capsys.readouterr().out.strip().splitlines()
     assert len(summary) == 1 and "8 images (4 train, 2 val, 2 test), 40 captions" in summary[0]
+    assert "objects, test_img_keys_1k.tsv (1 of the test images) in " in summary[0]
+    assert read_img_keys(out / SINGLE_1K_FILE) == [8]  # image 1 of the test split, not fold 0's first
     tokenizer = backbone.load_tokenizer(bb)
     captions = [c for split in ("train", "val", "test") for r in data.load_karpathy(out, split) for c in r.captions]
     ids = tokenizer(captions + list(synthetic.SHAPES))["input_ids"]
@@ -213,6 +248,7 @@ def test_stage_without_backbone(tmp_path, capsys):
     ("  n_trian: 4\n", "unknown key 'data.n_trian'"),
     (SMALL + "  max_objects: 11\n", "data.max_objects = 11 is more than"),
     ("  image_size: 16\n", "data.image_size = 16 is too small"),
+    (SMALL.replace("single_1k_size: 1", "single_1k_size: 3"), "data.single_1k_size (3) is larger than the test split (data.n_test = 2)"),
 ])
 def test_stage_errors_are_one_line_and_leave_no_output(tmp_path, capsys, section, message):
     params = _params(tmp_path, section)

@@ -235,7 +235,8 @@ def test_pin_prints_yaml_for_the_files_present(server, tmp_path, capsys):
     server.routes["/b/vocab.txt"] = Route(data=other)
     downloads = {"dir": str(tmp_path / "dl"), "allow_unverified": True,
                  "vinvl_labelmap": {"urls": [server.url("/a/VG-SGG-dicts-vgoi6-clipped.json")]},
-                 "bert_vocab": {"urls": [server.url("/b/vocab.txt")], "sha256": "0" * 64}}
+                 "bert_vocab": {"urls": [server.url("/b/vocab.txt")], "sha256": "0" * 64},
+                 "vinvl_test_img_keys_1k": {"urls": []}}  # switched off: skipped, not an error
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"downloads": downloads}))
     assert dl.main(["--pin", "--params", str(params)]) == 1  # nothing downloaded yet

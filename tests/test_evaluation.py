@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from aladin import data
 from aladin import evaluation as ev
 
 
@@ -298,3 +299,109 @@ def test_ndcg_of_a_plain_head_matches_naive_sorting():
     assert record["ndcg_rougeL_i2t"] == pytest.approx(np.mean([v for v in i2t if v != 0]))
     with pytest.raises(ValueError, match="relevance must be"):
         ev.evaluate_protocol(sims, ioc, relevance=relevance.T)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The single 1K protocol: one image subset (VinVL's test_img_keys_1k.tsv) evaluated once
+
+
+def naive_subset_ranks(sims, ioc, subset):
+    """Python loops over the sub-problem: only the subset's images and their own captions take part; ties
+    go against the positive."""
+    captions = [c for c in range(len(ioc)) if ioc[c] in subset]
+    i2t = []
+    for i in subset:
+        best = max(sims[i][c] for c in captions if ioc[c] == i)
+        i2t.append(sum(1 for c in captions if ioc[c] != i and sims[i][c] >= best))
+    t2i = [sum(1 for j in subset if j != ioc[c] and sims[j][c] >= sims[ioc[c]][c]) for c in captions]
+    return i2t, t2i, captions
+
+
+def naive_summary(ranks):
+    ordered = sorted(ranks)
+    n = len(ordered)
+    median = (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
+    return {"r1": 100.0 * sum(r < 1 for r in ranks) / n, "r5": 100.0 * sum(r < 5 for r in ranks) / n,
+            "r10": 100.0 * sum(r < 10 for r in ranks) / n, "medr": float(int(median) + 1),
+            "meanr": sum(ranks) / n + 1}
+
+
+def naive_ndcg(scores, rel, rank=25):
+    """Best score first, equal scores lowest relevance first (aladin.ndcg's pessimistic tie rule)."""
+    order = sorted(range(len(scores)), key=lambda j: (-scores[j], rel[j]))[:rank]
+    dcg = sum((2 ** rel[j] - 1) / np.log2(p + 2) for p, j in enumerate(order))
+    idcg = sum((2 ** r - 1) / np.log2(p + 2) for p, r in enumerate(sorted(rel, reverse=True)[:rank]))
+    return dcg / idcg if idcg else 0.0
+
+
+def test_single_subset_protocol_matches_naive_loops_with_ties():
+    n, per = 9, 3
+    ioc = shuffled_layout(n, per, seed=20).tolist()
+    rng = np.random.default_rng(21)
+    sims = rng.integers(0, 3, size=(n, n * per)).astype(np.float64)  # many ties, some at the positive
+    relevance = np.round(rng.random((n * per, n)), 1) * (rng.random((n * per, n)) < 0.6)  # (captions, images)
+    subset = [7, 2, 4, 5]  # hand-picked, not in order, not a fold
+    record = ev.evaluate_protocol(sims, ioc, protocol="vinvl_1k", relevance=relevance, images=subset)
+
+    slow_i2t, slow_t2i, captions = naive_subset_ranks(sims.tolist(), ioc, subset)
+    assert (record["protocol"], record["n_images"], record["n_captions"], record["n_folds"]) == \
+        ("vinvl_1k", 4, 12, 1)
+    assert record["i2t"] == pytest.approx(naive_summary(slow_i2t))
+    assert record["t2i"] == pytest.approx(naive_summary(slow_t2i))
+    assert record["rsum"] == pytest.approx(sum(naive_summary(slow_i2t)[f"r{k}"] + naive_summary(slow_t2i)[f"r{k}"]
+                                               for k in ev.KS))
+    assert 0 < record["rsum"] < 600 and "folds" not in record
+    # chance of 4 images with 3 of 12 captions each: t2i min(K, 4) / 4; i2t 1 - C(9, K) / C(12, K)
+    assert record["chance"]["t2i"] == pytest.approx({"r1": 25.0, "r5": 100.0, "r10": 100.0})
+    assert record["chance"]["i2t"]["r1"] == pytest.approx(25.0)
+    assert record["chance"]["i2t"]["r5"] == pytest.approx(100 * (1 - 126 / 792))
+    assert record["chance"]["i2t"]["r10"] == pytest.approx(100.0)
+    # NDCG@25 inside the subset: image queries over the subset's captions, caption queries over its images
+    i2t_nd = [naive_ndcg([sims[i, c] for c in captions], [relevance[c, i] for c in captions]) for i in subset]
+    t2i_nd = [naive_ndcg([sims[i, c] for i in subset], [relevance[c, i] for i in subset]) for c in captions]
+    assert record["ndcg_rougeL_i2t"] == pytest.approx(np.mean([v for v in i2t_nd if v != 0]))
+    assert record["ndcg_rougeL_t2i"] == pytest.approx(np.mean(t2i_nd))
+    assert json.loads(json.dumps(record)) == record
+
+    # Re-ranking: the shortlist is drawn within the subset's gallery
+    align = rng.integers(0, 3, size=(n, n * per)).astype(np.float64)
+    reranked = ev.evaluate_protocol(sims, ioc, protocol="vinvl_1k", rerank=(align, 2), images=subset)
+    sub = np.ix_(subset, captions)
+    sub_ioc = [subset.index(ioc[c]) for c in captions]
+    slow_i2t, slow_t2i = naive_rerank_ranks(sims[sub], align[sub], sub_ioc, 2)
+    assert reranked["i2t"] == ev.recall_summary(slow_i2t) and reranked["t2i"] == ev.recall_summary(slow_t2i)
+    assert reranked["rerank_k"] == 2 and reranked["shortlist"] == {"i2t": 2, "t2i": 2}
+
+
+def test_single_subset_of_the_first_fold_is_fold_0_and_the_order_does_not_matter():
+    n, per = 8, 5
+    ioc = shuffled_layout(n, per, seed=22)
+    sims = torch.randn(n, n * per, generator=torch.Generator().manual_seed(23))
+    folds = ev.evaluate_protocol(sims, ioc, fold_size=4, protocol="coco_1k_5fold")
+    single = ev.evaluate_protocol(sims, ioc, protocol="vinvl_1k", images=[3, 0, 2, 1])
+    assert {k: single[k] for k in ("n_images", "n_captions", "i2t", "t2i", "rsum")} == folds["folds"]["0"]
+    other = ev.evaluate_protocol(sims, ioc, protocol="vinvl_1k", images=torch.tensor([5, 1, 6, 2]))
+    assert other == ev.evaluate_protocol(sims, ioc, protocol="vinvl_1k", images=np.array([1, 2, 5, 6]))
+
+
+def test_single_subset_is_checked():
+    sims = torch.zeros(3, 6)
+    with pytest.raises(ValueError, match="fold_size or images"):
+        ev.evaluate_protocol(sims, None, fold_size=1, images=[0])
+    with pytest.raises(ValueError, match="twice"):
+        ev.evaluate_protocol(sims, None, images=[0, 0])
+    with pytest.raises(ValueError, match=r"images must lie in \[0, 3\)"):
+        ev.evaluate_protocol(sims, None, images=[3])
+    with pytest.raises(ValueError, match="non-empty"):
+        ev.evaluate_protocol(sims, None, images=[])
+
+
+def test_key_rows_name_the_file_and_line_of_a_key_outside_the_split(tmp_path):
+    from aladin.io import PipelineError
+
+    path = tmp_path / data.SINGLE_1K_FILE
+    assert data.key_rows(path, [40, 10, 30], [10, 20, 30, 40]).tolist() == [0, 2, 3]  # sorted: split order
+    with pytest.raises(PipelineError, match=rf"{data.SINGLE_1K_FILE}:2: image id 25 is not an image of the test split"):
+        data.key_rows(path, [40, 25, 30], [10, 20, 30, 40])
+    with pytest.raises(PipelineError, match="no image id"):
+        data.key_rows(path, [], [10])

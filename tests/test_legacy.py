@@ -15,8 +15,9 @@ from torch import nn
 
 from aladin.backbone import load_config, write_initial_checkpoint
 from aladin.config import BackboneConfig, CompatConfig, ModelConfig
+from aladin.data import read_img_keys
 from aladin.io import PipelineError
-from aladin.legacy import (convert, import_aladin_checkpoint, read_captions_pt, read_checkpoint, read_img_keys,
+from aladin.legacy import (convert, import_aladin_checkpoint, read_captions_pt, read_checkpoint,
                            safe_torch_load)
 from aladin.model import Tokens
 from aladin.train import WEIGHTS, load_model
@@ -299,7 +300,7 @@ def test_released_checkpoint_is_evaluated_by_the_evaluate_stage(tmp_path, capsys
 
     params = yaml.safe_load(open("params.yaml"))
     for section, values in {
-        "data": {"n_train": 4, "n_val": 4, "n_test": 6, "image_size": 64},
+        "data": {"n_train": 4, "n_val": 4, "n_test": 6, "image_size": 64, "single_1k_size": 3},
         "backbone": {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32},
         "features": {"min_size": 64, "max_size": 112},
         "model": {"matching_ff": 16, "matching_heads": 4},

@@ -16,7 +16,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 MICRO = {
-    "data": {"n_train": 48, "n_val": 16, "n_test": 24, "image_size": 64},
+    "data": {"n_train": 48, "n_val": 16, "n_test": 24, "image_size": 64, "single_1k_size": 8},
     "backbone": {"hidden_size": 32, "num_hidden_layers": 1, "intermediate_size": 64},
     "features": {"min_size": 64, "max_size": 112, "batch_size": 16},
     "model": {"matching_ff": 32},

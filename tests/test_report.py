@@ -118,6 +118,9 @@ def test_efficiency_table_speedups_and_headline(evaluation, bench):
     assert "over 500 images, query encoding included, it is 4.0x faster than the alignment head and 90.0x" in text
     assert "96.0% of the t2i rsum at 4.3x and 89.6x" in text
     assert "; measured at 5000 images (the gallery grown with the test tokens) 20.0x and 720x." in text
+    slow = copy.deepcopy(bench)
+    slow["speedup"]["matching_vs_alignment"] = 0.5
+    assert "it is 2.0x slower than the alignment head" in report.headline(evaluation, slow)
     broken = copy.deepcopy(bench)
     del broken["latency"]["crossencoder"]
     with pytest.raises(PipelineError, match="benchmark.json: missing key 'latency.crossencoder'"):

@@ -6,12 +6,14 @@ import pytest
 import yaml
 from micro import micro_world
 
+from aladin.data import load_karpathy
+from aladin.data import SINGLE_1K_FILE, read_img_keys
 from stages import evaluate as evaluate_stage
 from stages import features as features_stage
 from stages import train_alignment, train_distill
 
 MICRO = {
-    "data": {"n_train": 12, "n_val": 6, "n_test": 6, "image_size": 64},
+    "data": {"n_train": 12, "n_val": 6, "n_test": 6, "image_size": 64, "single_1k_size": 3},
     "backbone": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32},
     "features": {"min_size": 64, "max_size": 112},
     "model": {"matching_ff": 16},
@@ -41,25 +43,53 @@ def train_args(root, params, out):
             "--backbone", str(root / "backbone"), "--out", str(out), "--live", str(out) + "_live"]
 
 
-def test_stages_run_end_to_end_in_process(micro, tmp_path):
+@pytest.fixture(scope="module")
+def trained(micro, tmp_path_factory):
+    """Stage 1 and stage 2 run in process on the micro dataset: the folder holding align/ and distill/."""
+    root = tmp_path_factory.mktemp("trained")
     p = micro / "params.yaml"
-    assert train_alignment.main(train_args(micro, p, tmp_path / "align")) == 0
+    assert train_alignment.main(train_args(micro, p, root / "align")) == 0
     assert train_distill.main(["--params", str(p), "--dataset", str(micro / "dataset"), "--features",
-                               str(micro / "features"), "--teacher", str(tmp_path / "align"), "--out",
-                               str(tmp_path / "distill"), "--live", str(tmp_path / "dl")]) == 0
-    assert evaluate_stage.main(["--params", str(p), "--dataset", str(micro / "dataset"), "--features",
-                                str(micro / "features"), "--model", str(tmp_path / "distill"), "--metrics",
-                                str(tmp_path / "m.json"), "--latency", str(tmp_path / "l.json"),
-                                "--qualitative", str(tmp_path / "q.json")]) == 0
-    assert (tmp_path / "m.json").is_file() and (tmp_path / "align" / "model.safetensors").is_file()
+                               str(micro / "features"), "--teacher", str(root / "align"), "--out",
+                               str(root / "distill"), "--live", str(root / "dl")]) == 0
+    return root
+
+
+def evaluate_args(micro, trained, out, dataset=None):
+    return ["--params", str(micro / "params.yaml"), "--dataset", str(dataset or micro / "dataset"), "--features",
+            str(micro / "features"), "--model", str(trained / "distill"), "--metrics", str(out / "m.json"),
+            "--latency", str(out / "l.json"), "--qualitative", str(out / "q.json")]
+
+
+def test_stages_run_end_to_end_in_process(micro, trained, tmp_path, capsys):
+    assert evaluate_stage.main(evaluate_args(micro, trained, tmp_path)) == 0
+    assert (tmp_path / "m.json").is_file() and (trained / "align" / "model.safetensors").is_file()
+    # Three protocols: VinVL's single 1K analogue (the key file's images), the folds and the whole split.
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    keys = read_img_keys(micro / "dataset" / SINGLE_1K_FILE)
+    test_ids = [r.image_id for r in load_karpathy(micro / "dataset", "test")]
+    assert len(keys) == 3 and set(keys) <= set(test_ids) and keys != test_ids[:3]  # not fold 0 (eval.fold_size 3)
+    printed = capsys.readouterr().out
+    for head in ("matching", "alignment", "rerank@10"):
+        single, folds = metrics[head]["vinvl_1k"], metrics[head]["coco_1k_5fold"]
+        assert set(metrics[head]) == {"vinvl_1k", "coco_1k_5fold", "coco_5k"}
+        assert (single["protocol"], single["head"], single["n_images"], single["n_captions"], single["n_folds"]) \
+            == ("vinvl_1k", head, 3, 15, 1)
+        assert single["keys_file"] == str(micro / "dataset" / SINGLE_1K_FILE)
+        assert {"chance", "ndcg_rougeL_i2t", "ndcg_rougeL_t2i", "ndcg_spice"} <= set(single)
+        assert single["rsum"] == pytest.approx(sum(single[d][f"r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)))
+        assert f"{head:11s} rsum {single['rsum']:6.1f} (single 3)  {folds['rsum']:6.1f} (folds of 3)" in printed
+    # ... so the single set's numbers are its own, not fold 0's again (the point of keeping both protocols)
+    assert any(metrics[h]["vinvl_1k"]["rsum"] != metrics[h]["coco_1k_5fold"]["folds"]["0"]["rsum"] for h in metrics
+               if isinstance(metrics[h], dict))
     # The hinge (triplet) alternative to ListNet trains the same head from the same teacher.
-    params = yaml.safe_load(p.read_text())
+    params = yaml.safe_load((micro / "params.yaml").read_text())
     params["distill"]["losses"] = ["matching"]
     (tmp_path / "triplet.yaml").write_text(yaml.safe_dump(params))
     assert train_distill.main(["--params", str(tmp_path / "triplet.yaml"), "--dataset", str(micro / "dataset"),
-                               "--features", str(micro / "features"), "--teacher", str(tmp_path / "align"),
+                               "--features", str(micro / "features"), "--teacher", str(trained / "align"),
                                "--out", str(tmp_path / "triplet"), "--live", str(tmp_path / "tl")]) == 0
-    listnet_loss = json.loads((tmp_path / "dl" / "metrics.json").read_text())["train"]["loss"]
+    listnet_loss = json.loads((trained / "dl" / "metrics.json").read_text())["train"]["loss"]
     triplet_loss = json.loads((tmp_path / "tl" / "metrics.json").read_text())["train"]["loss"]
     assert listnet_loss != pytest.approx(triplet_loss)
 
@@ -104,3 +134,27 @@ def test_feature_dimension_must_match_the_model(micro, tmp_path, capsys):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     assert train_alignment.main(train_args(micro, tmp_path / "params.yaml", tmp_path / "out")) == 1
     one_error_line(capsys, "model.img_feature_dim is 100")
+
+
+def test_without_a_key_file_vinvl_1k_is_recorded_absent(micro, trained, tmp_path, capsys):
+    dataset = tmp_path / "dataset"
+    shutil.copytree(micro / "dataset", dataset)
+    (dataset / SINGLE_1K_FILE).unlink()  # a COCO dataset built without downloads.vinvl_test_img_keys_1k
+    assert evaluate_stage.main(evaluate_args(micro, trained, tmp_path, dataset)) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    for head in ("matching", "alignment", "rerank@10"):
+        record = metrics[head]["vinvl_1k"]
+        assert set(record) == {"protocol", "absent", "head"} and record["protocol"] == "vinvl_1k"
+        assert record["absent"].startswith(f"{dataset / SINGLE_1K_FILE} does not exist")
+        assert metrics[head]["coco_5k"]["n_images"] == 6
+    assert "matching    rsum absent  " in capsys.readouterr().out
+
+
+def test_a_key_outside_the_test_split_stops_evaluation(micro, trained, tmp_path, capsys):
+    dataset = tmp_path / "dataset"
+    shutil.copytree(micro / "dataset", dataset)
+    keys = read_img_keys(dataset / SINGLE_1K_FILE)
+    (dataset / SINGLE_1K_FILE).write_text(f"{keys[0]}\n5\n")  # image 5 is a training image
+    assert evaluate_stage.main(evaluate_args(micro, trained, tmp_path, dataset)) == 1
+    one_error_line(capsys, f"{dataset / SINGLE_1K_FILE}:2: image id 5 is not an image of the test split")
+    assert not (tmp_path / "m.json").exists()
