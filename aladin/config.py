@@ -35,6 +35,8 @@ class DataConfig:
     min_objects: int = 2
     max_objects: int = 4
     background_noise: float = 12.0  # std of the per-pixel Gaussian noise, 0-255 scale
+    # test images in test_img_keys_1k.tsv, the synthetic analogue of VinVL's single 1K set (COCO: the download)
+    single_1k_size: int = 100
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,9 @@ class DownloadsConfig:
     bert_config: RemoteFileConfig = _remote(*(f"{u}/config.json" for u in _BERT))
     bert_vocab: RemoteFileConfig = _remote(*(f"{u}/vocab.txt" for u in _BERT))
     bert_weights: RemoteFileConfig = _remote(*(f"{u}/model.safetensors" for u in _BERT))
+    # ALADIN.md 6.2: VinVL's single 1K test set (coco_ir); no URL: no file, and eval reports vinvl_1k as absent
+    vinvl_test_img_keys_1k: RemoteFileConfig = _remote(
+        "https://biglmdiag.blob.core.windows.net/vinvl/datasets/coco_ir/test_img_keys_1k.tsv")
 
 
 @dataclass(frozen=True)
@@ -197,6 +202,8 @@ class TrainConfig:
     # Q2: the original never reads its activate_distillation_after key (always 0); honoured here.
     activate_distillation_after: int = 0
     precision: str = "fp32"  # fp32 (the original) | bf16 (autocast)
+    # Optimiser steps between mid-epoch resume states (0: only at epoch ends); results do not depend on it.
+    checkpoint_every: int = 100
 
 
 def _stage1() -> "TrainConfig":
@@ -231,6 +238,8 @@ class BenchmarkConfig:
     sweep_queries: int = 100
     sweep_timed_queries: int = 50
     sweep_target_recall: float = 0.95  # approximate index tuned to reach this recall@10 against exact
+    # sweep sizes up to this one also time the alignment head, on the test gallery's tokens tiled to size
+    alignment_sweep_max: int = 5000
 
 
 @dataclass(frozen=True)
@@ -292,9 +301,13 @@ def _coerce(name: str, value, typ, source: str):
             raise ConfigError(f"{source}: {name} must be a number, got {value!r}")
         if isinstance(value, (int, float, str)):
             try:
-                return float(value)  # 8 -> 8.0; '1e-05' -> 1e-05
+                number = float(value)  # 8 -> 8.0; '1e-05' -> 1e-05
             except ValueError:
                 pass
+            else:
+                if number != number or number in (float("inf"), float("-inf")):  # YAML .nan / .inf
+                    raise ConfigError(f"{source}: {name} must be a finite number, got {value!r}")
+                return number
         raise ConfigError(f"{source}: {name} must be a number, got {value!r}")
     if typ is int:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
@@ -371,12 +384,52 @@ def _check(p: Params, source: str) -> None:
     need(p.eval.fold_size > 0, "eval.fold_size must be positive")
     need(p.data.source != "synthetic" or p.eval.fold_size <= p.data.n_test,
          f"eval.fold_size ({p.eval.fold_size}) is larger than the test split (data.n_test = {p.data.n_test})")
+    need(p.data.single_1k_size > 0, "data.single_1k_size must be positive")
+    need(p.data.source != "synthetic" or p.data.single_1k_size <= p.data.n_test,
+         f"data.single_1k_size ({p.data.single_1k_size}) is larger than the test split (data.n_test = {p.data.n_test})")
     need(len(p.features.blocks) == 4, "features.blocks must list 4 stages (res2, res3, res4, res5)")
     det = p.features.detector
     need(0 < det.min_detections <= det.max_detections,
          "need 0 < features.detector.min_detections <= features.detector.max_detections")
     need(det.num_classes >= 2 and det.num_attributes >= 2,
          "features.detector.num_classes and num_attributes count background: at least 2")
+    # Ranges: a zero, negative or out-of-range value fails here, naming its key, not later as a
+    # ZeroDivisionError, an empty batch or a NaN.
+    positive = {"backbone": ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                             "max_position_embeddings", "img_layer_norm_eps"),
+                "features": ("groups", "width_per_group", "stem_channels", "min_size", "pooler_resolution",
+                             "batch_size"),
+                "model": ("max_seq_length", "max_img_seq_length", "matching_layers", "matching_heads",
+                          "matching_ff"),
+                "eval": ("batch_size", "chunk_size", "latency_queries", "qualitative_queries"),
+                "report": ("qualitative_top_k",),
+                "downloads": ("timeout",),
+                "train_alignment": ("lr_step", "lr_gamma", "grad_clip"),
+                "distill": ("lr_step", "lr_gamma", "grad_clip")}
+    for section, names in positive.items():
+        for name in names:
+            value = getattr(getattr(p, section), name)
+            need(value > 0, f"{section}.{name} must be positive, got {value}")
+    need(0 <= p.seed < 2**32, f"seed must be in [0, 2**32), got {p.seed}")
+    need(p.data.background_noise >= 0, f"data.background_noise must be >= 0, got {p.data.background_noise}")
+    for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+        need(0 <= getattr(p.backbone, name) < 1, f"backbone.{name} must be in [0, 1), got {getattr(p.backbone, name)}")
+    need(0 <= p.model.matching_dropout < 1, f"model.matching_dropout must be in [0, 1), got {p.model.matching_dropout}")
+    need(p.model.img_feature_dim > 6, f"model.img_feature_dim is D + 6 and must be > 6, got {p.model.img_feature_dim}")
+    need(p.backbone.init != "random" or p.model.max_seq_length <= p.backbone.max_position_embeddings,
+         f"model.max_seq_length ({p.model.max_seq_length}) is larger than backbone.max_position_embeddings "
+         f"({p.backbone.max_position_embeddings})")
+    need(all(b >= 1 for b in p.features.blocks), f"features.blocks must be >= 1 each, got {list(p.features.blocks)}")
+    need(p.features.min_size <= p.features.max_size,
+         f"features.min_size ({p.features.min_size}) is larger than features.max_size ({p.features.max_size})")
+    need(p.features.sampling_ratio >= 0, f"features.sampling_ratio must be >= 0, got {p.features.sampling_ratio}")
+    need(0 <= det.score_thresh <= 1, f"features.detector.score_thresh must be in [0, 1], got {det.score_thresh}")
+    for section in ("train_alignment", "distill"):
+        cfg = getattr(p, section)
+        need(cfg.margin >= 0, f"{section}.margin must be >= 0, got {cfg.margin}")
+        need(cfg.activate_distillation_after >= 0,
+             f"{section}.activate_distillation_after must be >= 0, got {cfg.activate_distillation_after}")
+        need(all(w >= 0 for w in cfg.loss_weights), f"{section}.loss_weights must be >= 0, got {list(cfg.loss_weights)}")
     need(p.backbone.hidden_size % p.backbone.num_attention_heads == 0,
          "backbone.hidden_size must be divisible by backbone.num_attention_heads")
     need(p.backbone.hidden_size % p.model.matching_heads == 0,
@@ -388,6 +441,7 @@ def _check(p: Params, source: str) -> None:
         need(cfg.epochs >= 0 and cfg.batch_size > 1, f"{section}.epochs must be >= 0 and batch_size > 1")
         need(cfg.lr > 0, f"{section}.lr must be positive")
         need(cfg.temperature > 0, f"{section}.temperature must be positive")
+        need(cfg.checkpoint_every >= 0, f"{section}.checkpoint_every must be >= 0 (0: only at epoch ends)")
         need(len(cfg.losses) > 0, f"{section}.losses must name at least one loss")
         for loss in cfg.losses:
             need(loss in LOSSES, f"{section}.losses: unknown loss {loss!r} (known: {', '.join(LOSSES)})")

@@ -85,7 +85,8 @@ class PairBatches(Sampler[list[int]]):
     of `batch_size` (the last, smaller one kept unless it holds a single pair). With `world_size` > 1,
     rank r yields the r-th of `world_size` contiguous slices of every global batch (sizes differ by at most
     one); a final batch with fewer pairs than ranks is skipped so that no rank gets an empty slice.
-    The generator's state after an epoch is what a resumed run must restore.
+    The generator's state at the start of an epoch is what a resumed run must restore; `skip_next` then
+    resumes that epoch part-way.
     """
 
     def __init__(self, n_pairs: int, batch_size: int, generator: torch.Generator, rank: int = 0,
@@ -95,12 +96,22 @@ class PairBatches(Sampler[list[int]]):
                              f"({world_size})")
         self.n_pairs, self.batch_size, self.generator = n_pairs, batch_size, generator
         self.rank, self.world_size = rank, world_size
+        self._skip = 0
+
+    def skip_next(self, n: int) -> None:
+        """Leave out the first `n` batches of the next pass. The pass still draws its whole order, so the
+        generator ends it where an uninterrupted epoch would; the skipped pairs are never read."""
+        self._skip = n
 
     def __iter__(self):
+        skip, self._skip = self._skip, 0
+        index = 0
         for chunk in batches(training_pairs(self.n_pairs, self.generator), self.batch_size):
             if len(chunk) < self.world_size:
                 continue
-            yield torch.tensor_split(chunk, self.world_size)[self.rank].tolist()
+            index += 1
+            if index > skip:
+                yield torch.tensor_split(chunk, self.world_size)[self.rank].tolist()
 
     def __len__(self) -> int:
         full, rest = divmod(self.n_pairs, self.batch_size)

@@ -36,7 +36,8 @@ class RegionFeatures:
             if not re.fullmatch(r"-?[0-9]+", key) or isinstance(row, bool) or not isinstance(row, int) \
                     or not 0 <= row < len(self.features):
                 raise PipelineError(f"{self.index_path}: entry {key!r}: {row!r} is not an integer image id "
-                                    f"with a row of features.tsv (0..{len(self.features) - 1})")
+                                    f"with a row of features.tsv (rows 0..{len(self.features) - 1} by "
+                                    f"{self.features.idx_path.name})")
         self.index: dict[str, int] = index
         self._prediction_rows: dict[str, int] | None = None
         self.dim = self._row_dim(0) if len(self.features) else (expected_dim or 0)
@@ -86,6 +87,11 @@ class RegionFeatures:
             raise PipelineError(f"{where}: {len(raw)} bytes of features, expected num_boxes x dim x 4 = "
                                 f"{count} x {self.dim} x 4 = {count * self.dim * 4} (truncated or malformed row)")
         feats = np.frombuffer(raw, dtype="<f4").astype(np.float32).reshape(count, self.dim)  # (N, D + 6)
+        bad = np.argwhere(~np.isfinite(feats))
+        if len(bad):  # one NaN region would turn every loss of its batches into NaN, far from the cause
+            r, c = bad[0]
+            raise PipelineError(f"{where}: region {r} value {c} is {feats[r, c]}; features must be finite "
+                                f"({len(bad)} non-finite values in this row)")
         return feats, self._tags(key, row)
 
     def _tags(self, key: str, row: int) -> list[str]:
@@ -109,3 +115,17 @@ class RegionFeatures:
                                                     for o in objects):
             raise PipelineError(f"{where}: expected a list of objects with a 'class' string")
         return [o["class"] for o in objects]
+
+
+def check_model_dim(features: RegionFeatures, model_dir) -> None:
+    """The region vectors fit the image embedding of the backbone or model folder `model_dir`: its
+    config.json's img_feature_dim must equal the features' D + 6, else the first forward fails with a bare
+    shape error (a backbone written for other params, or features of another extractor)."""
+    path = Path(model_dir) / "config.json"
+    config = read_json(path)
+    dim = config.get("img_feature_dim") if isinstance(config, dict) else None
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise PipelineError(f"{path}: missing key 'img_feature_dim' (an integer)")
+    if dim != features.dim:
+        raise PipelineError(f"{path}: img_feature_dim is {dim}, but the region vectors of {features.features.path} "
+                            f"have D+6 = {features.dim} values (params model.img_feature_dim must equal both)")

@@ -13,8 +13,9 @@ otherwise everything trains and distillation also reaches the backbone through t
 
 Adam (no weight decay; fused on CUDA), epoch-level StepLR, gradient clipping on all parameters, optional
 bf16 autocast, validation rsum of both heads every epoch, the best checkpoint kept (ALADIN.md 5). After
-every epoch a resume state (safetensors + JSON, never a pickle) can be written; a run started again with
-the same fingerprint continues from the next epoch and ends with the same weights. Under torchrun the
+every epoch, and every `checkpoint_every` steps within one, a resume state (safetensors + JSON, never a
+pickle) can be written; a run started again with the same fingerprint, even after a kill -9, continues
+from that batch and ends with the same weights as an uninterrupted run. Under torchrun the
 global batch is split across ranks and the scores are global (`aladin.distributed`). The loop knows
 nothing of DVC: it reports through callbacks.
 """
@@ -26,7 +27,7 @@ import json
 import os
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -41,7 +42,7 @@ from .evaluation import i2t, rsum, t2i
 from .io import PipelineError, atomic_path
 from .losses import hinge_triplet, listnet_distillation
 from .model import Aladin, AlignmentSet, Tokens
-from .pairs import batch_inputs
+from .pairs import PairBatches, batch_inputs
 from .retrieval import alignment_similarities, encode_split, matching_similarities
 from .splits import SplitInputs
 from .tokenization import ImageInputs, TextInputs
@@ -235,65 +236,103 @@ def train_step(model: Aladin, recipe: Recipe, images: ImageInputs, texts: TextIn
 
 
 def _check_finite(losses: list[torch.Tensor], first_step: int, epoch: int) -> None:
+    """`losses` are the batches `first_step`, `first_step + 1`, ... of `epoch`; the first NaN or inf stops
+    training. Nothing diverged was written: states and best models are saved only after this check."""
     values = torch.stack(losses).tolist()
     for i, v in enumerate(values):
         if not np.isfinite(v):
-            raise PipelineError(f"loss is {v} at epoch {epoch}, step {first_step + i}; stopping (the best "
-                                "checkpoint so far is kept)")
+            raise PipelineError(f"loss is {v} at epoch {epoch}, batch {first_step + i} of the epoch (both counted "
+                                "from 0); training stopped. The best model so far (--out) and the last resume "
+                                "state (--resume-dir), both from before this batch, are kept")
 
 
-def fit(model: Aladin, recipe: Recipe, loader: Iterable, generator: torch.Generator, val: SplitInputs,
+@dataclass
+class Progress:
+    """Where the loop stands; all of it goes into a resume state.
+
+    The next batch to run is batch `batch` of epoch `epoch`. `order` is the sampler generator's state at the
+    start of `epoch`: the epoch's order is drawn from it again on a resume and its first `batch` batches
+    skipped. `losses` holds the loss of each batch of `epoch` run so far (the epoch's mean needs them all),
+    `reports` the epochs reported through `on_epoch_end` (a logger's next step), `best` and `best_metrics`
+    the best epoch so far.
+    """
+
+    epoch: int = 0
+    batch: int = 0
+    order: torch.Tensor | None = None
+    losses: list[torch.Tensor] = field(default_factory=list)  # () each, on the device
+    reports: int = 0
+    best: float = float("-inf")
+    best_metrics: dict = field(default_factory=dict)
+
+
+def fit(model: Aladin, recipe: Recipe, loader: Iterable, sampler: PairBatches, val: SplitInputs,
         eval_batch_size: int, chunk_size: int, d: Distributed, on_epoch_end: Callable[[int, dict], None],
-        on_best: Callable[[int, dict], None], resume: "ResumeCheckpoint | None" = None) -> dict:
+        on_best: Callable[[int, dict], None], resume: "ResumeCheckpoint | None" = None,
+        checkpoint_every: int = 0) -> dict:
     """Train `recipe.epochs` epochs over `loader`; call `on_best(epoch, metrics)` when the selection rsum
     improves and then `on_epoch_end(epoch, metrics)`, on every rank (callers write on rank 0 only).
 
-    `loader` yields collated batches (`aladin.pairs`) in the order `generator` draws; the generator's state
-    is part of the resume state. With `resume`, a saved state of the same fingerprint is restored first and
-    a new one is written after every epoch. Returns the metrics of the best epoch. Raises PipelineError if
-    the loss becomes NaN or infinite.
+    `loader` yields collated batches (`aladin.pairs`) in the order `sampler` draws from its generator. With
+    `resume`, a saved state of the same fingerprint is restored first, possibly in the middle of an epoch,
+    and a new one is written after every epoch and, with `checkpoint_every` > 0, after every global step
+    that is a multiple of it (except an epoch's last, whose end state follows). Returns the metrics of the
+    best epoch. Raises PipelineError if the loss becomes NaN or infinite.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, recipe.lr, d.device)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=recipe.lr_step, gamma=recipe.lr_gamma)
-    start, best, best_metrics = 0, float("-inf"), {}
+    at = Progress()
     if resume is not None and resume.state is not None:
-        start, best, best_metrics = resume.restore(model, optimizer, scheduler, generator, d)
-    for epoch in range(start, recipe.epochs):
+        at = resume.restore(model, optimizer, scheduler, sampler.generator, d)
+    steps_per_epoch = len(sampler)
+    while at.epoch < recipe.epochs:
+        epoch = at.epoch
         recipe.train_mode(model)
         lr = optimizer.param_groups[0]["lr"]
-        losses, checked = [], 0
+        at.order = sampler.generator.get_state()  # before the loader draws this epoch's order
+        sampler.skip_next(at.batch)
+        checked = len(at.losses)  # restored losses were checked before they were saved
         for batch in loader:
             images, texts = batch_inputs(batch, d.device)
             loss, _ = train_step(model, recipe, images, texts, epoch, optimizer, params, d)
-            losses.append(loss)
-            if len(losses) - checked >= LOSS_CHECK_EVERY:
-                _check_finite(losses[checked:], checked, epoch)
-                checked = len(losses)
-        if losses[checked:]:
-            _check_finite(losses[checked:], checked, epoch)
+            at.losses.append(loss)
+            at.batch += 1
+            if len(at.losses) - checked >= LOSS_CHECK_EVERY:
+                _check_finite(at.losses[checked:], checked, epoch)
+                checked = len(at.losses)
+            step = epoch * steps_per_epoch + at.batch
+            if (resume is not None and checkpoint_every and step % checkpoint_every == 0
+                    and at.batch < steps_per_epoch):
+                if at.losses[checked:]:  # never save a diverged state
+                    _check_finite(at.losses[checked:], checked, epoch)
+                    checked = len(at.losses)
+                resume.save(at, model, optimizer, scheduler, d)
+        if at.losses[checked:]:
+            _check_finite(at.losses[checked:], checked, epoch)
         total = 0.0
-        for value in torch.stack(losses).tolist() if losses else []:
+        for value in torch.stack(at.losses).tolist() if at.losses else []:
             total += value  # summed in order in float64, as the loss was logged before
         scheduler.step()
         val_metrics = validate(model, val, eval_batch_size, chunk_size)
-        metrics = {"train_loss": total / max(1, len(losses)), "lr": lr, "val": val_metrics,
+        metrics = {"train_loss": total / max(1, len(at.losses)), "lr": lr, "val": val_metrics,
                    "selection_rsum": recipe.selection_rsum(val_metrics)}
-        if metrics["selection_rsum"] > best:
-            best, best_metrics = metrics["selection_rsum"], dict(metrics, epoch=epoch)
+        if metrics["selection_rsum"] > at.best:
+            at.best, at.best_metrics = metrics["selection_rsum"], dict(metrics, epoch=epoch)
             on_best(epoch, metrics)
         on_epoch_end(epoch, metrics)
+        at = Progress(epoch + 1, 0, sampler.generator.get_state(), [], at.reports + 1, at.best, at.best_metrics)
         if resume is not None:
-            resume.save(epoch, model, optimizer, scheduler, generator, best, best_metrics, d)
-    return best_metrics
+            resume.save(at, model, optimizer, scheduler, d)
+    return at.best_metrics
 
 
 # ---------------------------------------------------------------------------------------------------
 # Resume state: safetensors for tensors, JSON for the rest, never a pickle
 
-STATE = "state"  # <resume dir>/state: the last finished epoch
+STATE = "state"  # <resume dir>/state: the last saved position
 BEST = "best"  # <resume dir>/best: the best model so far, a `save_model` folder
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: mid-epoch positions
 
 
 def file_digest(path: Path, sampled: bool = False) -> str:
@@ -333,9 +372,10 @@ def _tensors_of(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     return out
 
 
-def _rng_tensors(generator: torch.Generator, d: Distributed) -> dict[str, torch.Tensor]:
-    """The sampler's generator and every rank's torch RNG (dropout), gathered on rank 0 (collective)."""
-    out = {"sampler": generator.get_state()}
+def _rng_tensors(order: torch.Tensor, d: Distributed) -> dict[str, torch.Tensor]:
+    """The sampler's epoch-start state and every rank's torch RNG (dropout), gathered on rank 0
+    (collective)."""
+    out = {"sampler": order}
     for r, s in enumerate(gather_tensors(torch.get_rng_state(), d)):
         out[f"torch.{r}"] = s
     if d.device.type == "cuda":
@@ -344,13 +384,37 @@ def _rng_tensors(generator: torch.Generator, d: Distributed) -> dict[str, torch.
     return out
 
 
+def recover_resume_dir(directory) -> str:
+    """Undo what a kill during a state write left behind (rank 0, before any rank reads the folder).
+
+    `atomic_path` writes a whole folder under a temporary name, moves the old one aside and renames the new
+    one into place. Killed between the two renames, the old folder is complete under its moved-aside name
+    and goes back; temporary folders of killed writes are removed. Returns a note, empty if nothing was
+    left behind.
+    """
+    directory = Path(directory)
+    notes = []
+    for name in (STATE, BEST):
+        target = directory / name
+        aside = sorted(directory.glob(f".{name}.old-*"), key=lambda p: p.stat().st_mtime)
+        if not target.exists() and aside:
+            os.replace(aside.pop(), target)
+            notes.append(f"put {target} back from a write that was killed")
+        for leftover in aside + list(directory.glob(f".{name}.tmp-*")):
+            shutil.rmtree(leftover, ignore_errors=True)
+            notes.append(f"removed {leftover.name}")
+    return "resume: " + "; ".join(notes) if notes else ""
+
+
 class ResumeCheckpoint:
     """The resume state of one stage in `directory` (`--resume-dir`, a persistent DVC output).
 
-    `state/` holds model.safetensors, optimizer.safetensors, rng.safetensors and state.json (epoch, best so
-    far, scheduler, lr, python and numpy RNG, fingerprint); `best/` the best model so far. `epochs` is not
-    part of the fingerprint: epoch k of a longer run equals epoch k of a shorter one, so a finished run can
-    be extended; a state past the requested epochs is not resumed.
+    `state/` holds model.safetensors, optimizer.safetensors, rng.safetensors and state.json (the position:
+    next epoch and batch, with that epoch's losses so far; the best so far; scheduler, lr, python and numpy
+    RNG; the fingerprint); `best/` the best model so far. Each is replaced as a whole (`atomic_path`), so a
+    killed write leaves the previous one (see `recover_resume_dir`). `epochs` is not part of the
+    fingerprint: epoch k of a longer run equals epoch k of a shorter one, so a finished run can be extended;
+    a state past the requested epochs is not resumed.
     """
 
     def __init__(self, directory, fingerprint: str, epochs: int):
@@ -366,16 +430,19 @@ class ResumeCheckpoint:
             meta = json.loads((folder / "state.json").read_text())
         except json.JSONDecodeError as e:
             raise PipelineError(f"{folder / 'state.json'}:{e.lineno}: not valid JSON ({e.msg})") from None
-        if meta.get("format") != STATE_FORMAT or meta.get("fingerprint") != fingerprint:
-            self.note = (f"resume: {self.directory} holds a state of other params or inputs; starting fresh")
-        elif meta["epoch"] + 1 > epochs:
-            self.note = (f"resume: {self.directory} holds epoch {meta['epoch']}, past the {epochs} epoch(s) asked "
-                         "for; starting fresh")
+        if meta.get("format") != STATE_FORMAT:
+            self.note = f"resume: {self.directory} holds a state of another format; starting fresh"
+        elif meta.get("fingerprint") != fingerprint:
+            self.note = f"resume: {self.directory} holds a state of other params or inputs; starting fresh"
+        elif meta["epoch"] > epochs or (meta["epoch"] == epochs and meta["batch"] > 0):
+            self.note = (f"resume: {self.directory} holds epoch {meta['epoch']}, batch {meta['batch']}, past the "
+                         f"{epochs} epoch(s) asked for; starting fresh")
         elif meta["best_epoch"] is not None and not (self.directory / BEST / WEIGHTS).is_file():
             self.note = f"resume: {self.directory / BEST} is missing; starting fresh"
         else:
             self.state = meta
-            self.note = f"resume: continuing from epoch {meta['epoch'] + 1} ({self.directory})"
+            where = f"epoch {meta['epoch']}" + (f", batch {meta['batch']}" if meta["batch"] else "")
+            self.note = f"resume: continuing from {where} ({self.directory})"
 
     @property
     def best_dir(self) -> Path:
@@ -387,8 +454,9 @@ class ResumeCheckpoint:
             shutil.rmtree(self.directory / name, ignore_errors=True)
 
     def restore(self, model: Aladin, optimizer, scheduler, generator: torch.Generator,
-                d: Distributed) -> tuple[int, float, dict]:
-        """Load the saved state into the run's objects; returns (first epoch to run, best, best metrics)."""
+                d: Distributed) -> Progress:
+        """Load the saved state into the run's objects (`generator`: the sampler's, set to the start of the
+        saved epoch); returns the saved position."""
         folder, meta = self.directory / STATE, self.state
         weights = load_file(folder / WEIGHTS)
         load_state_exactly(model, weights, [], f"{folder / WEIGHTS}: does not match the model")
@@ -411,26 +479,31 @@ class ResumeCheckpoint:
             if d.device.type == "cuda" and f"cuda.{d.rank}" in rng:
                 torch.cuda.set_rng_state(rng[f"cuda.{d.rank}"], d.device)
         else:  # more ranks than when saved: a fresh dropout stream for this rank
-            torch.manual_seed(int(meta["seed"]) + 1000 * d.rank + meta["epoch"])
+            step = meta["epoch"] * 1_000_003 + meta["batch"]
+            torch.manual_seed(int(meta["seed"]) + 1000 * d.rank + step)
         version, internal, gauss = meta["python_random"]
         random.setstate((version, tuple(internal), gauss))
         name, keys, pos, has_gauss, cached = meta["numpy_random"]
         np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+        # float32 losses written as Python floats (exact) come back as the same float32 values.
+        losses = [torch.tensor(v, dtype=torch.float32, device=d.device) for v in meta["losses"]]
         best = meta["best"] if meta["best"] is not None else float("-inf")
-        return meta["epoch"] + 1, best, meta["best_metrics"]
+        return Progress(meta["epoch"], meta["batch"], rng["sampler"], losses, meta["reports"], best,
+                        meta["best_metrics"])
 
-    def save(self, epoch: int, model: Aladin, optimizer, scheduler, generator: torch.Generator, best: float,
-             best_metrics: dict, d: Distributed) -> None:
-        """Write the state after `epoch` atomically (collective: every rank calls it, rank 0 writes)."""
-        rng = _rng_tensors(generator, d)
+    def save(self, at: Progress, model: Aladin, optimizer, scheduler, d: Distributed) -> None:
+        """Write the state at position `at` atomically (collective: every rank calls it, rank 0 writes)."""
+        rng = _rng_tensors(at.order, d)
+        losses = torch.stack(at.losses).tolist() if at.losses else []
         if not d.is_main:
             return
         version, internal, gauss = random.getstate()
         name, keys, pos, has_gauss, cached = np.random.get_state()
         meta = {
-            "format": STATE_FORMAT, "fingerprint": self.fingerprint, "epoch": epoch,
-            "best": best if np.isfinite(best) else None, "best_epoch": best_metrics.get("epoch"),
-            "best_metrics": best_metrics, "world_size": d.world_size, "seed": int(torch.initial_seed()),
+            "format": STATE_FORMAT, "fingerprint": self.fingerprint, "epoch": at.epoch, "batch": at.batch,
+            "losses": losses, "reports": at.reports,
+            "best": at.best if np.isfinite(at.best) else None, "best_epoch": at.best_metrics.get("epoch"),
+            "best_metrics": at.best_metrics, "world_size": d.world_size, "seed": int(torch.initial_seed()),
             "scheduler": scheduler.state_dict(),
             "param_groups": [{k: g[k] for k in ("lr", "initial_lr") if k in g} for g in optimizer.param_groups],
             "python_random": [version, list(internal), gauss],

@@ -5,7 +5,8 @@ Reads   --dataset DIR (Karpathy JSON), --features DIR (VinVL features.tsv ...), 
         Oscar-layout checkpoint), params.yaml sections seed, data, model, compat, train_alignment, eval
 Writes  --out DIR (model.safetensors, config.json, vocab.txt, training.json: the best epoch by validation
         rsum), --live DIR (DVCLive: metrics.json, plots/metrics/{train,val}/...), --resume-dir DIR (the
-        per-epoch resume state, optional)
+        resume state, saved every epoch and every checkpoint_every steps; a rerun after a kill continues
+        from it; optional)
 Flags   --device auto|cpu|cuda, --num-workers N; under torchrun, data parallel over the ranks
 Run     dvc repro train_alignment
 """

@@ -6,7 +6,7 @@ passes stage 1's model through unchanged, for the single-stage recipes).
 Reads   --dataset DIR, --features DIR, --teacher DIR (output of train_alignment),
         params.yaml sections seed, data, model, compat, distill, eval
 Writes  --out DIR (model.safetensors, config.json, vocab.txt, training.json), --live DIR (DVCLive),
-        --resume-dir DIR (the per-epoch resume state, optional)
+        --resume-dir DIR (the resume state, saved every epoch and every checkpoint_every steps; optional)
 Flags   --device auto|cpu|cuda, --num-workers N; under torchrun, data parallel over the ranks
 Run     dvc repro train_distill | dvc exp run -S distill.temperature=4.0
 """

@@ -7,13 +7,17 @@ their params section; the recipe is in that section (`aladin.train.Recipe`).
     torchrun --nproc_per_node 4 -m stages.train_alignment ...      # data parallel, same global batch
 
 DVCLive is created on rank 0 only, with `dvcyaml=False`: the hand-written dvc.yaml owns metrics and plots
-(DVC_AND_NOTEBOOKS.md 4.2). With `--resume-dir` a run whose params and inputs match the saved state
-continues from the next epoch and appends to the DVCLive folder (`resume=True`, 4.4).
+(DVC_AND_NOTEBOOKS.md 4.2). With `--resume-dir` the loop saves its state after every epoch and every
+`checkpoint_every` steps; a run whose params and inputs match the saved state (a rerun after a crash or
+kill -9) continues from that batch and appends to the DVCLive folder (`resume=True`, 4.4) from the saved
+step, dropping any rows a killed run logged after its state was saved.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -29,10 +33,11 @@ from aladin.distributed import Distributed, barrier, broadcast_parameters, close
 from aladin.io import PipelineError, atomic_path
 from aladin.model import Aladin
 from aladin.pairs import PairBatches, default_workers, load_training_pairs, pair_loader
-from aladin.regions import RegionFeatures
+from aladin.regions import RegionFeatures, check_model_dim
 from aladin.retrieval import split_to
 from aladin.splits import load_split
-from aladin.train import Recipe, ResumeCheckpoint, fingerprint, fit, save_model, seed_everything, validate
+from aladin.train import (Recipe, ResumeCheckpoint, fingerprint, fit, recover_resume_dir, save_model, seed_everything,
+                          validate)
 from stages.common import run
 
 
@@ -66,12 +71,14 @@ def training_parser(doc: str, source_flag: str) -> argparse.ArgumentParser:
                         "auto (0 when training on the CPU, whose cores the model needs; on CUDA up to 8, "
                         "sharing the CPUs among the ranks). Results do not depend on it")
     p.add_argument("--resume-dir", default=None,
-                   help="folder for the per-epoch resume state (a persistent output); omitted: no resume")
+                   help="folder for the resume state, saved every epoch and every checkpoint_every steps (a "
+                        "persistent output); omitted: no resume")
     return p
 
 
 def stage_fingerprint(params: Params, section: str, name: str, source: str, dataset: str, features: str) -> str:
-    """What the stage's results depend on: its params (all but `epochs`), its input files, and the code.
+    """What the stage's results depend on: its params (all but `epochs` and `checkpoint_every`), its input
+    files, and the code.
 
     The code counts because DVC re-runs a stage when one of its source deps changes; a bug fix in the loss
     must not resume (and so keep) a state the old code trained. It is the source of every module of this
@@ -79,6 +86,7 @@ def stage_fingerprint(params: Params, section: str, name: str, source: str, data
     """
     cfg = as_dict(getattr(params, section))
     cfg.pop("epochs")
+    cfg.pop("checkpoint_every")  # when states are saved does not change the results
     config = {"stage": name, "seed": params.seed, "captions_per_image": params.data.captions_per_image,
               "model": as_dict(params.model), "compat": as_dict(params.compat), section: cfg,
               "eval": {"batch_size": params.eval.batch_size, "chunk_size": params.eval.chunk_size},
@@ -99,6 +107,44 @@ def num_workers(flag: str, d: Distributed) -> int:
     if not flag.isdigit():
         raise PipelineError(f"--num-workers must be a non-negative integer or auto, got {flag!r}")
     return int(flag)
+
+
+def trim_history(live_dir, step: int) -> None:
+    """Drop the rows of step `step` and later (and a row cut short by a kill) from DVCLive's metric
+    histories, so that a run resumed at `step` logs each step once."""
+    for path in sorted((Path(live_dir) / "plots" / "metrics").rglob("*.tsv")):
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        if not lines:
+            continue
+        header = next(csv.reader([lines[0]], delimiter="\t"))
+        column = header.index("step") if "step" in header else None
+        kept = [lines[0]]
+        for line in lines[1:]:
+            row = next(csv.reader([line], delimiter="\t"), [])
+            whole = line.endswith("\n") and len(row) == len(header)
+            if whole and column is not None and row[column].isdigit() and int(row[column]) < step:
+                kept.append(line)
+        if kept != lines:
+            with atomic_path(path) as tmp:
+                tmp.write_text("".join(kept), encoding="utf-8")
+
+
+def resume_live(live_dir, step: int, best_metrics: dict) -> Live:
+    """DVCLive continuing at `step` after a resume: later rows dropped, the summary read back (or, if a kill
+    cut metrics.json short, started again) and its best epoch taken from the resume state."""
+    trim_history(live_dir, step)
+    summary = Path(live_dir) / "metrics.json"
+    try:
+        json.loads(summary.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        pass
+    except (ValueError, UnicodeDecodeError):
+        summary.unlink()  # every value in it is logged again at the next step
+    live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, resume=True)
+    live.step = step
+    if best_metrics:
+        live.summary["best"] = {"epoch": best_metrics["epoch"], "selection_rsum": best_metrics["selection_rsum"]}
+    return live
 
 
 def _copy_model(src: Path, out: str) -> None:
@@ -126,6 +172,7 @@ def run_training(args, name: str, section: str, build: Callable[[Params, str], A
     def train(params: Params, cfg, d: Distributed, workers: int) -> int:
         seed_everything(params.seed)
         features = RegionFeatures(args.features, expected_dim=params.model.img_feature_dim)
+        check_model_dim(features, args.source)
         tokenizer = load_tokenizer(args.source)
         val = load_split(args.dataset, features, "val", tokenizer, params.model, params.compat,
                          params.data.captions_per_image)
@@ -148,6 +195,11 @@ def run_training(args, name: str, section: str, build: Callable[[Params, str], A
 
         resume = None
         if args.resume_dir:
+            if d.is_main:
+                note = recover_resume_dir(args.resume_dir)
+                if note:
+                    print(note)
+            barrier(d)
             resume = ResumeCheckpoint(args.resume_dir, stage_fingerprint(params, section, name, args.source,
                                                                           args.dataset, args.features), cfg.epochs)
             if d.is_main:
@@ -162,9 +214,10 @@ def run_training(args, name: str, section: str, build: Callable[[Params, str], A
         generator = torch.Generator().manual_seed(params.seed)
         sampler = PairBatches(len(pairs), cfg.batch_size, generator, d.rank, d.world_size)
         loader = pair_loader(pairs, sampler, workers, d.device.type == "cuda", params.seed)
-        live = Live(args.live, dvcyaml=False, save_dvc_exp=False, resume=resuming) if d.is_main else None
-        if live is not None and resuming:
-            live.step = resume.state["epoch"] + 1  # one step per epoch, whatever the folder held
+        live = None
+        if d.is_main:  # one DVCLive step per epoch; a resumed run continues at the saved one
+            live = (resume_live(args.live, resume.state["reports"], resume.state["best_metrics"]) if resuming
+                    else Live(args.live, dvcyaml=False, save_dvc_exp=False))
 
         def on_best(epoch, metrics):
             if not d.is_main:
@@ -179,8 +232,8 @@ def run_training(args, name: str, section: str, build: Callable[[Params, str], A
                 log_epoch(live, metrics)
 
         with live if live is not None else contextlib.nullcontext():
-            best = fit(model, recipe, loader, generator, val, params.eval.batch_size, params.eval.chunk_size, d,
-                       on_epoch_end, on_best, resume)
+            best = fit(model, recipe, loader, sampler, val, params.eval.batch_size, params.eval.chunk_size, d,
+                       on_epoch_end, on_best, resume, cfg.checkpoint_every)
         barrier(d)
         if d.is_main:
             if best:

@@ -270,7 +270,7 @@ def test_resumed_run_ends_with_the_same_bytes_as_an_uninterrupted_one(world, tmp
     assert read_history(tmp_path / "a_live") == read_history(tmp_path / "b_live")  # steps 0 and 1, same values
     assert [s for s, _ in read_history(tmp_path / "b_live")] == [0, 1]
     state = json.loads((tmp_path / "rb" / "state" / "state.json").read_text())
-    assert state["epoch"] == 1 and state["scheduler"]["last_epoch"] == 2
+    assert state["epoch"] == 2 and state["batch"] == 0 and state["scheduler"]["last_epoch"] == 2
     # A changed param (in the fingerprint) never resumes that state.
     other = with_params(world, tmp_path, "other.yaml", train_alignment={"epochs": 2, **recipe, "temperature": 3.0})
     assert train_alignment.main(stage_args(world, other, tmp_path / "c", "--resume-dir", str(tmp_path / "rb"))) == 0
