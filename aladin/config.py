@@ -248,6 +248,38 @@ class ReportConfig:
 
 
 @dataclass(frozen=True)
+class PeersConfig:
+    """ALADIN's neighbours as recipes (PEERS.md): `recipes` are trained and evaluated by the peer stages;
+    `sections` holds each recipe's raw `peers.<name>` mapping, typed and checked by the recipe's own config
+    class when a peer stage loads it (`aladin.peers.recipe_config`), so a new recipe touches only its module
+    and its params. A section may exist for a recipe that is switched off."""
+
+    recipes: tuple[str, ...] = ()
+    sections: dict = field(default_factory=dict)
+
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+def _peers(raw, source: str) -> PeersConfig:
+    if raw is None:
+        return PeersConfig()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: peers must be a mapping, got {raw!r}")
+    sections = {k: v for k, v in raw.items() if k != "recipes"}
+    recipes = _coerce("peers.recipes", raw.get("recipes", []), tuple[str, ...], source)
+    for name in [*recipes, *sections]:
+        if name in ("base", "__init__") or not (RECIPES_DIR / f"{name}.py").is_file():
+            raise ConfigError(f"{source}: peers: unknown recipe '{name}' (a recipe is a module aladin/recipes/<name>.py)")
+    for name, section in sections.items():
+        if section is not None and not isinstance(section, dict):
+            raise ConfigError(f"{source}: peers.{name} must be a mapping, got {section!r}")
+    if len(set(recipes)) != len(recipes):
+        raise ConfigError(f"{source}: peers.recipes lists a recipe twice: {list(recipes)}")
+    return PeersConfig(recipes, sections)
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
@@ -261,6 +293,7 @@ class Params:
     eval: EvalConfig = field(default_factory=EvalConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    peers: PeersConfig = field(default_factory=PeersConfig)
 
 
 LOSSES = ("alignment", "distillation", "matching")  # the original's loss-type names (ALADIN.md 3.5)
@@ -352,7 +385,12 @@ def _build(cls, raw, prefix: str, source: str, default=None):
 
 def params_from_dict(raw: dict, source: str = "params") -> Params:
     """Build `Params` from a parsed mapping; missing keys take the defaults above."""
-    params = _build(Params, raw, "", source)
+    if isinstance(raw, dict) and "peers" in raw:  # recipe sections are typed by their own modules
+        raw = dict(raw)
+        peers = _peers(raw.pop("peers"), source)
+    else:
+        peers = PeersConfig()
+    params = dataclasses.replace(_build(Params, raw, "", source), peers=peers)
     _check(params, source)
     return params
 

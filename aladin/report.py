@@ -22,7 +22,7 @@ from matplotlib.layout_engine import PlaceHolderLayoutEngine
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
-from aladin.io import PipelineError, atomic_path
+from aladin.io import PipelineError, atomic_path, read_json
 from aladin.paper_numbers import ANCHORS, EFFICIENCY, paper_point, paper_speedups
 
 CHANCE_HEAD = "chance (random ranking)"
@@ -401,6 +401,70 @@ def plot_efficiency(eval_metrics: dict, benchmark: dict, protocol: str = EFFICIE
     right.set_xlim(min(p.latency_s for p in EFFICIENCY) / 3, max(p.latency_s for p in EFFICIENCY) * 5)
     right.margins(y=0.15)
     right.set(title="the paper's plot (COCO 5K, constants)", xlabel="system latency (s, log)", ylabel="rsum (t2i, inferred)")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------
+# The three systems (ALADIN and its neighbours as recipes, aladin.peers)
+
+SYSTEMS_PROTOCOLS = ("coco_1k_5fold", "coco_5k")
+
+
+def load_peers(folder: str | Path, recipes: Iterable[str]) -> dict[str, tuple[dict, dict]]:
+    """{recipe: (metrics, latency)} from the evaluate_peer outputs `<recipe>.json`, `<recipe>.latency.json` of
+    the recipes named (params peers.recipes; files of recipes switched off since are ignored)."""
+    folder = Path(folder)
+    out = {}
+    for name in recipes:
+        paths = folder / f"{name}.json", folder / f"{name}.latency.json"
+        for path in paths:
+            if not path.is_file():
+                raise PipelineError(f"{path}: file not found (evaluate_peer@{name}'s output)")
+        out[name] = tuple(read_json(p) for p in paths)
+    return out
+
+
+def systems_table(eval_metrics: dict, benchmark: dict, peers: dict[str, tuple[dict, dict]]) -> pd.DataFrame:
+    """ALADIN's two heads and every neighbour on the same split and protocols: rsum per protocol, the index a
+    gallery needs, and the median per-text-query latency on the same device (ALADIN's from the benchmark
+    stage, a neighbour's from evaluate_peer: query encoding plus search against the encoded test gallery)."""
+    rows = []
+    for head, kind in (("matching", "vector (kNN)"), ("alignment", "set (brute force)")):
+        row = {"system": f"ALADIN {head} head", "index": kind}
+        for protocol in SYSTEMS_PROTOCOLS:
+            row[f"rsum {protocol}"] = _number(eval_metrics, [head, protocol, "rsum"], "eval metrics")
+        row["t2i rsum coco_5k"] = _t2i_rsum(eval_metrics[head]["coco_5k"])
+        row["median ms per query"] = _number(benchmark, ["latency", head, "median_ms"], "benchmark")
+        rows.append(row)
+    for name, (metrics, latency) in sorted(peers.items()):
+        source = f"metrics/peers/{name}.json"
+        record = _get(metrics, [name], source)
+        t2i = _get(latency, [name, "t2i"], f"metrics/peers/{name}.latency.json")
+        row = {"system": name, "index": "vector (kNN)" if t2i.get("index_kind") == "vector" else "set (brute force)"}
+        for protocol in SYSTEMS_PROTOCOLS:
+            row[f"rsum {protocol}"] = _number(record, [protocol, "rsum"], source)
+        row["t2i rsum coco_5k"] = _t2i_rsum(record["coco_5k"])
+        row["median ms per query"] = _number(t2i, ["median_ms"], f"metrics/peers/{name}.latency.json")
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("system")
+
+
+def plot_systems(table: pd.DataFrame) -> Figure:
+    """rsum (coco_5k) of every system against its measured per-query latency, log x."""
+    fig = Figure(figsize=(5.2, 3.4), layout="constrained")
+    ax = fig.subplots()
+    colours = sns.color_palette(n_colors=len(table))
+    for (name, row), colour in zip(table.iterrows(), colours):
+        ax.scatter(row["median ms per query"], row["rsum coco_5k"], s=60, color=colour, zorder=3,
+                   marker="o" if row["index"].startswith("vector") else "s")
+        ax.annotate(name, (row["median ms per query"], row["rsum coco_5k"]), xytext=(5, 4),
+                    textcoords="offset points", fontsize=7)
+    ax.set_xscale("log")
+    low, high = table["median ms per query"].min(), table["median ms per query"].max()
+    ax.set_xlim(low / 3, high * 4)
+    ax.margins(y=0.2)
+    ax.set(xlabel="median latency per text query (ms, log)", ylabel="rsum (coco_5k)",
+           title="circles: vector index (kNN); squares: brute force")
     return fig
 
 

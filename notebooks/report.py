@@ -28,6 +28,8 @@ live_dirs = "tests/fixtures/report/dvclive/train_alignment,tests/fixtures/report
 qualitative = "tests/fixtures/report/qualitative.json"
 dataset_dir = "tests/fixtures/report/dataset"
 sweep = "tests/fixtures/report/sweep.json"
+peers_dir = "tests/fixtures/report/peers"
+recipes = "teran,selfalign"
 out_dir = "build/report"
 top_k = 3
 
@@ -104,6 +106,23 @@ display(report.efficiency_table(evaluation, bench))
 display(report.speedup_table(bench))
 fig = report.plot_efficiency(evaluation, bench)
 display(Image(filename=report.save_figure(fig, out / "figures" / "efficiency_vs_effectiveness.png")))
+
+# %% [markdown]
+# ## Three systems on one split
+#
+# ALADIN beside its two neighbours, trained as recipes of this pipeline on the same pairs and evaluated by
+# the same evaluator on the same test split (`aladin/recipes/`, PEERS.md): **TERAN** (its predecessor:
+# the same word-region alignment score, separate region and word transformers, no distilled embedding,
+# so its gallery is searched by brute force) and **SelfAlign** (concept- and context-level
+# self-supervised alignment on a CAMERA dual encoder, searched as a vector index). rsum per protocol and
+# the median latency of one text query on the same device. Published numbers for TERAN are in the
+# tables above; SelfAlign publishes only relative gains (PAPER_NUMBERS.md 3).
+
+# %%
+systems = report.systems_table(evaluation, bench, report.load_peers(peers_dir, [r for r in recipes.split(",") if r]))
+display(systems)
+fig = report.plot_systems(systems)
+display(Image(filename=report.save_figure(fig, out / "figures" / "systems.png")))
 
 # %% [markdown]
 # ## Temperature sweep

@@ -3,14 +3,15 @@
 Reads   --eval-metrics FILE (metrics/eval.json), --benchmark FILE (metrics/benchmark.json), --live DIR...
         (DVCLive folders of the training stages), --qualitative FILE (eval/qualitative.json), --dataset DIR
         (images named in the qualitative file), --sweep FILE (sweeps/temperature.json, `python -m
-        aladin.sweep`), --notebook FILE (jupytext py:percent source), params.yaml section report
+        aladin.sweep`), --peers DIR (metrics/peers: the neighbours' evaluate_peer outputs), --notebook FILE
+        (jupytext py:percent source), params.yaml sections report, peers.recipes
 Writes  --out DIR, owned by this stage and replaced as a whole: report.ipynb (executed), report.html
         (no code, no prompts, parameter cells removed: byte-identical across runs, DVC_AND_NOTEBOOKS.md
         5.5), figures/*.png, tables/results.csv and results.md; --scratch FILE (the converted notebook)
 Run     dvc repro report
         python -m stages.report --eval-metrics metrics/eval.json --benchmark metrics/benchmark.json \
             --live dvclive/train_alignment dvclive/train_distill --qualitative eval/qualitative.json \
-            --dataset data/dataset --sweep sweeps/temperature.json --out reports
+            --dataset data/dataset --sweep sweeps/temperature.json --peers metrics/peers --out reports
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ def parse_args(argv):
     p.add_argument("--eval-metrics", required=True)
     p.add_argument("--benchmark", required=True)
     p.add_argument("--sweep", required=True)
+    p.add_argument("--peers", required=True)
     p.add_argument("--live", nargs="+", required=True)
     p.add_argument("--qualitative", required=True)
     p.add_argument("--dataset", required=True)
@@ -52,11 +54,12 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def check_inputs(args, top_k: int) -> None:
+def check_inputs(args, top_k: int, recipes: tuple[str, ...]) -> None:
     """Fail before the kernel starts: a missing file or a malformed record gives one named error."""
     for label, path, is_dir in [("--notebook", args.notebook, False), ("--eval-metrics", args.eval_metrics, False),
                                 ("--benchmark", args.benchmark, False), ("--qualitative", args.qualitative, False),
-                                ("--sweep", args.sweep, False), ("--dataset", args.dataset, True)] + \
+                                ("--sweep", args.sweep, False), ("--dataset", args.dataset, True),
+                                ("--peers", args.peers, True)] + \
             [("--live", d, True) for d in args.live]:
         if not (Path(path).is_dir() if is_dir else Path(path).is_file()):
             raise PipelineError(f"{path}: {'folder' if is_dir else 'file'} not found ({label})")
@@ -64,6 +67,7 @@ def check_inputs(args, top_k: int) -> None:
     report.build_results_table(evaluation, source=args.eval_metrics)
     report.efficiency_table(evaluation, bench, source=args.benchmark)
     report.sweep_table(read_json(args.sweep), source=args.sweep)
+    report.systems_table(evaluation, bench, report.load_peers(args.peers, recipes))
     report.load_histories(args.live)
     qualitative = read_json(args.qualitative)
     stored_k = qualitative.get("top_k") if isinstance(qualitative, dict) else None
@@ -92,7 +96,8 @@ def main(argv=None) -> int:
     def body() -> int:
         params = load_params(args.params)
         top_k = params.report.qualitative_top_k
-        check_inputs(args, top_k)
+        recipes = params.peers.recipes
+        check_inputs(args, top_k, recipes)
 
         scratch = Path(args.scratch)
         notebook = jupytext.read(args.notebook, fmt="py:percent")
@@ -115,7 +120,9 @@ def main(argv=None) -> int:
                         config=KERNEL_CONFIG,
                         parameters={"eval_metrics": args.eval_metrics, "benchmark": args.benchmark,
                                     "live_dirs": ",".join(args.live), "qualitative": args.qualitative,
-                                    "dataset_dir": args.dataset, "sweep": args.sweep, "out_dir": str(out),
+                                    "dataset_dir": args.dataset, "sweep": args.sweep, "peers_dir": args.peers,
+                                    "recipes": ",".join(recipes),
+                                    "out_dir": str(out),
                                     "top_k": top_k})
                 except papermill.PapermillExecutionError as e:
                     if e.ename in ("PipelineError", "ConfigError"):  # bad input found inside the notebook

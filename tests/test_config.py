@@ -13,8 +13,26 @@ def test_repository_params_load_and_match_defaults_for_every_key():
     # Params appears in params.yaml, so DVC tracks every value a stage can read.
     assert set(raw) == set(Params.__dataclass_fields__)
     for section, values in raw.items():
-        if isinstance(values, dict):
+        if isinstance(values, dict) and section != "peers":
             assert set(values) == set(type(getattr(params, section)).__dataclass_fields__), section
+    # peers: every listed recipe has a section, and each section is typed by its recipe's own config
+    from aladin.peers import recipe_config
+
+    assert params.peers.recipes == ("teran", "selfalign") and set(raw["peers"]) == {"recipes", *params.peers.recipes}
+    for name in params.peers.recipes:
+        assert set(raw["peers"][name]) <= set(type(recipe_config(params, name)).__dataclass_fields__), name
+
+
+def test_peer_sections_are_typed_by_their_recipes():
+    from aladin.peers import recipe_config
+
+    with pytest.raises(ConfigError, match=r"unknown recipe 'tern'"):
+        params_from_dict({"peers": {"recipes": ["tern"]}})
+    with pytest.raises(ConfigError, match=r"unknown key 'peers\.teran\.epoch'"):
+        recipe_config(params_from_dict({"peers": {"teran": {"epoch": 3}}}), "teran")
+    with pytest.raises(ConfigError, match=r"peers\.teran\.lr must be a number"):
+        recipe_config(params_from_dict({"peers": {"teran": {"lr": "fast"}}}), "teran")
+    assert recipe_config(params_from_dict({"peers": {"selfalign": {"views": 3}}}), "selfalign").views == 3
 
 
 def test_unknown_key_is_rejected_with_its_dotted_name():

@@ -47,6 +47,9 @@ MICRO = {
     "eval": {"fold_size": 4, "batch_size": 16, "chunk_size": 8, "latency_queries": 2, "qualitative_queries": 2},
     "benchmark": {"latency_queries": 2, "crossencoder_pairs": 8, "crossencoder_batch_size": 8, "sweep_max": 200,
                   "sweep_queries": 8, "sweep_timed_queries": 2},
+    "peers": {"teran": {"text_layers": 1, "d_img": 16, "d_emb": 16, "ffn": 32, "heads": 2, "epochs": 1, "batch_size": 8},
+              "selfalign": {"embed_size": 16, "views": 2, "heads": 2, "prototypes": 8, "context_topk": 8, "epochs": 1,
+                            "batch_size": 8}},
 }
 
 

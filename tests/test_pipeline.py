@@ -25,6 +25,9 @@ MICRO = {
     "eval": {"fold_size": 8, "latency_queries": 4, "qualitative_queries": 2},
     "benchmark": {"latency_queries": 4, "crossencoder_pairs": 32, "sweep_max": 2000, "sweep_queries": 20,
                   "sweep_timed_queries": 10},
+    "peers": {"teran": {"text_layers": 1, "d_img": 16, "d_emb": 16, "ffn": 32, "heads": 2, "epochs": 1, "batch_size": 8},
+              "selfalign": {"embed_size": 16, "views": 2, "heads": 2, "prototypes": 8, "context_topk": 8, "epochs": 1,
+                            "batch_size": 8}},
 }
 
 
@@ -174,6 +177,8 @@ def test_paper_profile_end_to_end_on_a_tiny_coco_fixture(project, tmp_path):
             "model.img_feature_dim": 262, "model.matching_ff": 32,
             "train_alignment.epochs": 1, "train_alignment.batch_size": 16, "train_alignment.lr": 5.0e-4,
             "eval.fold_size": 4, "eval.batch_size": 16, "eval.chunk_size": 8, "eval.latency_queries": 4,
+        } | {f"peers.{name}.{k}": v for name, values in MICRO["peers"].items() for k, v in values.items()} | {
+            "peers.selfalign.conv_channels": [4] * 7, "peers.teran.ffn": 32,
         }
         (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny))
         out = run([sys.executable, "-m", "aladin.presets", "--profile", "paper", "--recipe",

@@ -62,6 +62,24 @@ def test_paper_profile_has_the_original_values():
     assert tuple(p.features.blocks) == (3, 8, 36, 3) and p.features.groups == 32 and p.eval.fold_size == 1000
 
 
+def test_paper_profile_gives_the_neighbours_their_papers_configurations():
+    """PEERS.md 3.4 and 4.10, as the recipe modules record them in PAPER (except SelfAlign's own seed 1024:
+    the pipeline's seed param seeds every recipe)."""
+    import dataclasses
+
+    from aladin.peers import recipe_config
+    from aladin.recipes import selfalign, teran
+
+    p = paper()
+    for name, module in (("teran", teran), ("selfalign", selfalign)):
+        cfg = recipe_config(p, name)
+        fields = {f.name for f in dataclasses.fields(cfg)}
+        assert set(module.PAPER) - fields <= {"seed"}, name
+        for key in set(module.PAPER) & fields:
+            assert getattr(cfg, key) == module.PAPER[key], (name, key)
+    assert recipe_config(p, "teran").d_img == 2048 and recipe_config(p, "selfalign").views == 12
+
+
 def test_presets_refuse_unknown_keys_and_names():
     with pytest.raises(ConfigError, match=r"x\.yaml: unknown key 'distill\.temprature'"):
         apply(BASELINE, {"distill.temprature": 4.0}, "x.yaml")

@@ -165,6 +165,23 @@ def test_comparison_tables_put_published_numbers_beside_ours(evaluation):
         assert set(anchors["status"]) <= {"verified", "unverified (aggregator)", "unverified (third party)"}
 
 
+def test_systems_table_puts_the_neighbours_beside_aladin(evaluation, bench):
+    peers = report.load_peers(FIXTURES / "peers", ["teran", "selfalign"])
+    assert sorted(peers) == ["selfalign", "teran"]
+    table = report.systems_table(evaluation, bench, peers)
+    assert list(table.index) == ["ALADIN matching head", "ALADIN alignment head", "selfalign", "teran"]
+    assert table.loc["teran", "rsum coco_5k"] == 290.0 and table.loc["selfalign", "rsum coco_1k_5fold"] == 410.0
+    assert table.loc["teran", "index"] == "set (brute force)" and table.loc["selfalign", "index"].startswith("vector")
+    assert table.loc["ALADIN matching head", "median ms per query"] == 2.0  # from the benchmark fixture
+    assert table.loc["teran", "median ms per query"] == 12.0 and table.loc["teran", "t2i rsum coco_5k"] == 135.0
+    ax = report.plot_systems(table).axes[0]
+    assert sorted(tuple(c.get_offsets().tolist()[0]) for c in ax.collections) == sorted(
+        [(2.0, 309.0), (8.0, 328.2), (12.0, 290.0), (1.5, 250.0)])
+    assert list(report.load_peers(FIXTURES / "peers", ["teran"])) == ["teran"]  # switched-off recipes ignored
+    with pytest.raises(PipelineError, match=r"missing/teran.json: file not found \(evaluate_peer@teran's output\)"):
+        report.load_peers(FIXTURES / "missing", ["teran"])
+
+
 def test_sweep_table_and_plot(sweep_doc):
     table = report.sweep_table(sweep_doc)
     assert table["distill.temperature"].tolist() == [2.0, 6.0, 8.0]
@@ -299,10 +316,10 @@ def test_qualitative_grid_frames_ground_truth():
 
 def stage_args(tmp_path, out, **overrides):
     params = tmp_path / "params.yaml"
-    params.write_text("report:\n  qualitative_top_k: 3\n")  # the fixture ranks 3 of its 4 images
+    params.write_text("report:\n  qualitative_top_k: 3\npeers:\n  recipes: [teran, selfalign]\n")  # the fixture ranks 3 of its 4 images
     paths = {"--eval-metrics": FIXTURES / "eval.json", "--benchmark": FIXTURES / "benchmark.json",
              "--qualitative": FIXTURES / "qualitative.json", "--dataset": FIXTURES / "dataset",
-             "--sweep": FIXTURES / "sweep.json"}
+             "--sweep": FIXTURES / "sweep.json", "--peers": FIXTURES / "peers"}
     paths.update(overrides)
     args = ["--params", str(params), "--out", str(out), "--scratch", str(tmp_path / "build" / "report.in.ipynb"),
             "--live", *map(str, LIVE_DIRS)]
@@ -319,7 +336,7 @@ def test_stage_builds_identical_html(tmp_path, capsys):
     html = (outs[0] / "report.html").read_text()
     assert "328.2" in html and "466.6" in html and "31.6" in html  # rsum cells as the table shows them
     assert report.CHANCE_HEAD in html
-    assert html.count("<img") == 5  # efficiency, sweep, training curves, two qualitative grids
+    assert html.count("<img") == 6  # efficiency, systems, sweep, training curves, two qualitative grids
     assert "keeps 94.1% of the alignment head" in html
     assert "VinVL-large" in html and "unverified (third party)" in html  # the published anchors
     assert "Excluded experiment <code>exp-c</code>: also changes distill.lr" in html
@@ -328,7 +345,7 @@ def test_stage_builds_identical_html(tmp_path, capsys):
     assert (outs[0] / "report.ipynb").is_file()
     figures = sorted(p.name for p in (outs[0] / "figures").iterdir())
     assert figures == ["efficiency_vs_effectiveness.png", "qualitative_alignment.png", "qualitative_matching.png",
-                       "temperature_sweep.png", "training_curves.png"]
+                       "systems.png", "temperature_sweep.png", "training_curves.png"]
     for name in figures:
         assert (outs[0] / "figures" / name).read_bytes() == (outs[1] / "figures" / name).read_bytes()
     assert pd.read_csv(outs[0] / "tables" / "results.csv")["rsum"].tolist()[:2] == [466.6, 451.6]
