@@ -11,11 +11,10 @@ import importlib
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from .config import ConfigError, EvalConfig, Params, _build
+from .config import RECIPES_DIR, ConfigError, EvalConfig, Params, _build
 from .evaluate import PROTOCOLS, single_1k_subset
 from .evaluation import evaluate_protocol
 from .ndcg import rouge_l_relevance
@@ -24,15 +23,14 @@ from .recipes import Reps, RetrievalRecipe, concat_reps, weighted_total
 from .retrieval import percentile, synchronize
 from .splits import SplitInputs
 
-RECIPES_DIR = Path(__file__).parent / "recipes"
-
+NOT_RECIPES = ("__init__", "base", "aladin_heads")  # modules of aladin/recipes that are no trainable recipe
 
 # ---------------------------------------------------------------------------------------------------
 # Recipes by name
 
 
 def recipe_module(name: str):
-    if not (RECIPES_DIR / f"{name}.py").is_file() or name in ("base", "__init__"):
+    if not (RECIPES_DIR / f"{name}.py").is_file() or name in NOT_RECIPES:
         raise ConfigError(f"peers: unknown recipe '{name}' (a recipe is a module aladin/recipes/<name>.py)")
     return importlib.import_module(f"aladin.recipes.{name}")
 
