@@ -65,6 +65,16 @@ def recall_metrics(model: Aladin, split: SplitInputs, enc: EncodedSplit, cfg: Ev
     return out, sims
 
 
+def run_labels(params) -> dict:
+    """What PEERS.md 8.7 asks every metrics file to record beside the protocol and head: which region
+    features were scored (always the pipeline's VinVL layout; BUTD-36 comes in through aladin.butd) and
+    that the numbers are of one model, not an ensemble."""
+    f = params.features
+    origin = "a VinVL dump" if f.source == "vinvl_dump" else f"extracted here ({f.mode})"
+    return {"features": f"VinVL layout, {params.model.img_feature_dim - 6}-d + 6 geometry, {origin}",
+            "ensemble": False}
+
+
 def latency_metrics(model: Aladin, split: SplitInputs, enc: EncodedSplit, cfg: EvalConfig) -> dict:
     """Per-query latency of every mode (query encoding included), with what was measured where."""
     timing = measure_latency(model, split, enc, cfg.latency_queries, cfg.chunk_size, rerank_k=cfg.rerank_k)

@@ -30,7 +30,7 @@ RECALL_KEYS = ("r1", "r5", "r10")
 RECALL_COLUMNS = [f"{d} R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
 TABLE_COLUMNS = ["head", "protocol", "n_images", "n_folds", *RECALL_COLUMNS, "rsum"]
 ANCHOR_COLUMNS = ["system", *RECALL_COLUMNS, "rsum", "status", "source", "note"]
-NON_HEAD_KEYS = ("schema_version", "dataset", "split")
+NON_HEAD_KEYS = ("schema_version", "dataset", "split", "features", "ensemble")
 SUPPORTED_SCHEMA = 1
 # ALADIN.md 7.5: the single VinVL 1K key file, the 5-fold 1K mean, the whole 5K split (the comparable one).
 PROTOCOL_ORDER = ("vinvl_1k", "coco_1k_5fold", "coco_5k")

@@ -24,7 +24,7 @@ from pathlib import Path
 from aladin.backbone import load_tokenizer
 from aladin.config import load_params
 from aladin.data import KARPATHY_FILE
-from aladin.evaluate import latency_metrics, qualitative, recall_metrics, single_1k_subset
+from aladin.evaluate import latency_metrics, qualitative, recall_metrics, run_labels, single_1k_subset
 from aladin.io import PipelineError, atomic_path, dumps_json
 from aladin.regions import RegionFeatures, check_model_dim
 from aladin.retrieval import encode_split
@@ -62,6 +62,7 @@ def main(argv=None) -> int:
         model = load_model(args.model, params.model, params.compat).eval()
         encoded = encode_split(model, test, params.eval.batch_size)  # the gallery, encoded once
         metrics, sims = recall_metrics(model, test, encoded, params.eval, params.data.source, single_1k)
+        metrics.update(run_labels(params))
         latency = latency_metrics(model, test, encoded, params.eval)
         examples = qualitative(test, sims, params.eval.qualitative_queries, params.report.qualitative_top_k)
         with ExitStack() as stack:  # all three written before any is renamed into place

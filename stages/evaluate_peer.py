@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from aladin.backbone import load_tokenizer
 from aladin.config import load_params
 from aladin.io import PipelineError, atomic_path, dumps_json
+from aladin.evaluate import run_labels
 from aladin.peers import build_recipe, evaluate, query_latency
 from aladin.regions import RegionFeatures
 from aladin.splits import load_split
@@ -56,6 +57,7 @@ def main(argv=None) -> int:
         test = load_split(args.dataset, features, "test", load_tokenizer(args.backbone), params.model,
                           params.compat, params.data.captions_per_image)
         metrics, _ = evaluate(recipe, test, params.eval, args.dataset, args.recipe, params.data.source)
+        metrics.update(run_labels(params))
         latency = {args.recipe: {"t2i": query_latency(recipe, test, params.eval, params.eval.latency_queries)}}
         with ExitStack() as stack:  # both written before either is renamed into place
             for path, record in ((args.metrics, metrics), (args.latency, latency)):

@@ -62,7 +62,9 @@ def test_train_and_evaluate_a_neighbour_with_aladins_evaluator(world, name, caps
     assert meta["best"]["rsum"] == pytest.approx(best_rsum)  # the best validation epoch is the one kept
 
     assert evaluate_peer.main(evaluate) == 0
-    metrics = json.loads((root / "metrics" / f"{name}.json").read_text())[name]
+    record = json.loads((root / "metrics" / f"{name}.json").read_text())
+    assert record["ensemble"] is False and record["features"].startswith("VinVL layout, 256-d + 6 geometry")
+    metrics = record[name]
     assert set(metrics) == {"vinvl_1k", "coco_1k_5fold", "coco_5k"}
     folds = metrics["coco_1k_5fold"]
     assert folds["n_folds"] == 2 and folds["rsum"] == pytest.approx(np.mean([f["rsum"] for f in folds["folds"].values()]))

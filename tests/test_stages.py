@@ -70,6 +70,8 @@ def test_stages_run_end_to_end_in_process(micro, trained, tmp_path, capsys):
     test_ids = [r.image_id for r in load_karpathy(micro / "dataset", "test")]
     assert len(keys) == 3 and set(keys) <= set(test_ids) and keys != test_ids[:3]  # not fold 0 (eval.fold_size 3)
     printed = capsys.readouterr().out
+    assert (metrics["ensemble"], metrics["features"]) == (False, "VinVL layout, 256-d + 6 geometry, extracted here "
+                                                                 "(given_boxes)")  # PEERS.md 8.7
     for head in ("matching", "alignment", "rerank@10"):
         single, folds = metrics[head]["vinvl_1k"], metrics[head]["coco_1k_5fold"]
         assert set(metrics[head]) == {"vinvl_1k", "coco_1k_5fold", "coco_5k"}
