@@ -12,6 +12,7 @@ output whose hash differs is opened file by file, so that one declared file does
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path, PurePosixPath
 
 import yaml
@@ -151,3 +152,24 @@ def unknown_declarations(declared, dvc_lock_path, root) -> list[str]:
         if d in outs or (inside and (Path(root) / d).exists()):
             known.append(d)
     return [d for d in declared if d not in known]
+
+
+def expanded_stages(dvc_yaml, params_yaml) -> dict:
+    """The stages of a dvc.yaml with `foreach` stages expanded as DVC does (`name@item`, `${item}`
+    substituted); a `foreach` list is a `${a.b}` reference into params_yaml."""
+    params = yaml.safe_load(Path(params_yaml).read_text())
+    stages = {}
+    for name, spec in yaml.safe_load(Path(dvc_yaml).read_text())["stages"].items():
+        if "foreach" not in spec:
+            stages[name] = spec
+            continue
+        reference = re.fullmatch(r"\$\{(.+)\}", str(spec["foreach"]))
+        if reference is None:
+            raise PipelineError(f"{dvc_yaml}: stage {name}: foreach must be a ${{params.key}} reference")
+        items = params
+        for part in reference.group(1).split("."):
+            items = items[part]
+        template = yaml.safe_dump(spec["do"])
+        for item in items:
+            stages[f"{name}@{item}"] = yaml.safe_load(template.replace("${item}", str(item)))
+    return stages

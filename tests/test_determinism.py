@@ -29,11 +29,11 @@ import pytest
 import yaml
 
 from aladin.io import PipelineError
-from aladin.reproducibility import (covers, differing_outputs, lock_out_hashes, masked_lock, read_nondeterministic,
-                                    undeclared, unknown_declarations)
+from aladin.reproducibility import (covers, differing_outputs, expanded_stages, lock_out_hashes, masked_lock,
+                                    read_nondeterministic, undeclared, unknown_declarations)
 
 ROOT = Path(__file__).resolve().parents[1]
-DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+DVC = {"stages": expanded_stages(ROOT / "dvc.yaml", ROOT / "params.yaml")}  # foreach stages as name@item
 
 # Smaller than tests/test_pipeline.py's: the two runs cost mostly process and kernel start-ups; two epochs
 # each still cross an epoch boundary (a new permutation, StepLR) with dropout on.
@@ -97,7 +97,11 @@ def runs(tmp_path_factory):
             shutil.copy2(ROOT / f, a / f)
     params = yaml.safe_load((a / "params.yaml").read_text())
     for section, values in MICRO.items():
-        params[section].update(values)
+        for key, value in values.items():  # a recipe's section is merged key by key, as the others are
+            if isinstance(value, dict):
+                params[section][key].update(value)
+            else:
+                params[section][key] = value
     (a / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     env = environment(a)
@@ -210,3 +214,14 @@ def test_differing_outputs_opens_directories_file_by_file(tmp_path):
     assert masked_lock(lock_a, declared) != masked_lock(write_lock(b / "other.lock", "f2.dir", "l2", "e2"), declared)
     assert unknown_declarations(declared + ["reports/figures/gone.png", "metrics/old.json"], lock_a, a) == \
         ["reports/figures/gone.png", "metrics/old.json"]
+
+
+def test_expanded_stages_unrolls_foreach_like_dvc(tmp_path):
+    (tmp_path / "params.yaml").write_text("peers:\n  recipes: [a, b]\n")
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "plain": {"cmd": "x", "outs": ["o"]},
+        "train": {"foreach": "${peers.recipes}", "do": {"cmd": "t --r ${item}", "outs": ["m/${item}"]}}}}))
+    stages = expanded_stages(tmp_path / "dvc.yaml", tmp_path / "params.yaml")
+    assert stages == {"plain": {"cmd": "x", "outs": ["o"]}, "train@a": {"cmd": "t --r a", "outs": ["m/a"]},
+                      "train@b": {"cmd": "t --r b", "outs": ["m/b"]}}
+

@@ -6,28 +6,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from aladin.reproducibility import expanded_stages
+
 ROOT = Path(__file__).resolve().parents[1]
-PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
-
-
-def _expanded(dvc: dict) -> dict:
-    """dvc.yaml with `foreach` stages expanded the way DVC does (`name@item`, `${item}` substituted); the
-    list is a `${a.b}` reference into params.yaml."""
-    stages = {}
-    for name, spec in dvc["stages"].items():
-        if "foreach" not in spec:
-            stages[name] = spec
-            continue
-        node = PARAMS
-        for part in re.fullmatch(r"\$\{(.+)\}", spec["foreach"]).group(1).split("."):
-            node = node[part]
-        template = yaml.safe_dump(spec["do"])
-        for item in node:
-            stages[f"{name}@{item}"] = yaml.safe_load(template.replace("${item}", str(item)))
-    return dict(dvc, stages=stages)
-
-
-DVC = _expanded(yaml.safe_load((ROOT / "dvc.yaml").read_text()))
+# foreach stages expanded as DVC does (name@item), so every generated stage is checked like the others
+DVC = dict(yaml.safe_load((ROOT / "dvc.yaml").read_text()),
+           stages=expanded_stages(ROOT / "dvc.yaml", ROOT / "params.yaml"))
 
 
 def local_imports(path: Path, seen: set) -> set:

@@ -48,7 +48,11 @@ def project(tmp_path_factory):
             shutil.copy2(ROOT / f, work / f)
     params = yaml.safe_load((work / "params.yaml").read_text())
     for section, values in MICRO.items():
-        params[section].update(values)
+        for key, value in values.items():  # a recipe's section is merged key by key, as the others are
+            if isinstance(value, dict):
+                params[section][key].update(value)
+            else:
+                params[section][key] = value
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (work / "dvc.lock").unlink(missing_ok=True)
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",

@@ -28,6 +28,16 @@ RELEASED = {
 }
 
 
+def typed(params: Params) -> dict:
+    """Every value as the stages read it: the peers' sections through their recipes' typed configs (`-S` writes
+    1e-05, which PyYAML reads as a string, DVC_AND_NOTEBOOKS.md 3.2; the typed config coerces it)."""
+    from aladin.peers import recipe_config
+
+    out = as_dict(params)
+    out["peers"]["sections"] = {name: as_dict(recipe_config(params, name)) for name in params.peers.sections}
+    return out
+
+
 def paper(recipe: str | None = None) -> Params:
     return params_from_dict(target_params(BASELINE, "paper", recipe))
 
@@ -105,8 +115,10 @@ def test_dvc_exp_run_applies_a_recipe_exactly(tmp_path):
     repo.mkdir()
     (repo / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     (repo / "show.py").write_text(
-        "import json\nfrom aladin.config import load_params, as_dict\n"
-        "json.dump(as_dict(load_params('params.yaml')), open('out.json', 'w'))\n")
+        "import json\nfrom aladin.config import as_dict, load_params\nfrom aladin.peers import recipe_config\n"
+        "p = load_params('params.yaml')\nout = as_dict(p)\n"
+        "out['peers']['sections'] = {n: as_dict(recipe_config(p, n)) for n in p.peers.sections}\n"
+        "json.dump(out, open('out.json', 'w'))\n")  # the same view as typed() below
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"show": {
         "cmd": f"{sys.executable} show.py", "deps": ["show.py"], "outs": ["out.json"],
         "params": [k for k in BASELINE]}}}))
@@ -126,8 +138,8 @@ def test_dvc_exp_run_applies_a_recipe_exactly(tmp_path):
     sh("git", "commit", "-qm", "baseline")
     for recipe in ("alignment-and-matching-triplet0.1-plus-distill", "matching-triplet-finetune"):
         sh(sys.executable, "-m", "aladin.presets", "--profile", "paper", "--recipe", recipe, "--run")
-        want = paper(recipe)
-        assert load_params(repo / "params.yaml") == want, recipe
-        assert json.loads((repo / "out.json").read_text()) == json.loads(json.dumps(as_dict(want)))
+        want = typed(paper(recipe))
+        assert typed(load_params(repo / "params.yaml")) == want, recipe
+        assert json.loads((repo / "out.json").read_text()) == json.loads(json.dumps(want))
     shown = sh(sys.executable, "-m", "dvc", "exp", "show", "--no-pager", "--csv")
     assert "paper-matching-triplet-finetune" in shown and "paper-alignment-and-matching-triplet0.1-plus-distill" in shown
