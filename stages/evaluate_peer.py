@@ -17,10 +17,12 @@ from safetensors.torch import load_file
 
 from aladin.backbone import load_tokenizer
 from aladin.config import load_params
+from aladin.distributed import resolve_device
 from aladin.io import PipelineError, atomic_path, dumps_json
 from aladin.evaluate import run_labels
 from aladin.peers import build_recipe, evaluate, query_latency
 from aladin.regions import RegionFeatures
+from aladin.retrieval import split_to
 from aladin.splits import load_split
 from aladin.train import WEIGHTS, seed_everything
 from stages.common import run
@@ -36,6 +38,7 @@ def parse_args(argv):
     p.add_argument("--model", required=True)
     p.add_argument("--metrics", required=True)
     p.add_argument("--latency", required=True)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     return p.parse_args(argv)
 
 
@@ -56,6 +59,9 @@ def main(argv=None) -> int:
         features = RegionFeatures(args.features, expected_dim=params.model.img_feature_dim)
         test = load_split(args.dataset, features, "test", load_tokenizer(args.backbone), params.model,
                           params.compat, params.data.captions_per_image)
+        device = resolve_device(args.device)
+        recipe.to(device)
+        test = split_to(test, device)
         metrics, _ = evaluate(recipe, test, params.eval, args.dataset, args.recipe, params.data.source)
         metrics.update(run_labels(params))
         latency = {args.recipe: {"t2i": query_latency(recipe, test, params.eval, params.eval.latency_queries)}}

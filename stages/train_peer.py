@@ -17,10 +17,12 @@ from dvclive import Live
 
 from aladin.backbone import load_tokenizer
 from aladin.config import as_dict, load_params
+from aladin.distributed import resolve_device
 from aladin.io import PipelineError, atomic_path, write_json
-from aladin.pairs import PairBatches, load_training_pairs, pair_loader
+from aladin.pairs import PairBatches, default_workers, load_training_pairs, pair_loader
 from aladin.peers import build_recipe, fit, schedule_of
 from aladin.regions import RegionFeatures
+from aladin.retrieval import split_to
 from aladin.splits import load_split
 from aladin.train import WEIGHTS, seed_everything
 from safetensors.torch import save_file
@@ -38,6 +40,7 @@ def parse_args(argv):
     p.add_argument("--backbone", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--live", required=True)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (one device; no torchrun for the peers)")
     return p.parse_args(argv)
 
 
@@ -55,9 +58,11 @@ def main(argv=None) -> int:
                          params.data.captions_per_image)
         pairs = load_training_pairs(args.dataset, features, "train", tokenizer, params.model, params.compat,
                                     params.data.captions_per_image)
+        device = resolve_device(args.device)
         sampler = PairBatches(len(pairs), schedule.batch_size, torch.Generator().manual_seed(params.seed))
-        loader = pair_loader(pairs, sampler, 0, False, params.seed)
-        device = torch.device("cpu")
+        loader = pair_loader(pairs, sampler, default_workers(device), device.type == "cuda", params.seed)
+        recipe.to(device)
+        val = split_to(val, device)
 
         with Live(args.live, dvcyaml=False, save_dvc_exp=False) as live:
             def on_epoch_end(epoch, metrics):
@@ -71,7 +76,7 @@ def main(argv=None) -> int:
             except ValueError as e:
                 raise PipelineError(f"{args.recipe}: {e}") from None
             live.summary["best"] = best
-        state = {k: v.detach().contiguous() for k, v in recipe.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in recipe.state_dict().items()}
         with atomic_path(args.out, directory=True) as tmp:
             save_file(state, str(tmp / WEIGHTS))
             write_json(tmp / RECIPE_META, {"recipe": args.recipe, "config": as_dict(cfg), "best": best})
