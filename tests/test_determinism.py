@@ -31,6 +31,7 @@ import yaml
 from aladin.io import PipelineError
 from aladin.reproducibility import (covers, differing_outputs, expanded_stages, lock_out_hashes, masked_lock,
                                     read_nondeterministic, undeclared, unknown_declarations)
+from micro import write_micro_params
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC = {"stages": expanded_stages(ROOT / "dvc.yaml", ROOT / "params.yaml")}  # foreach stages as name@item
@@ -95,14 +96,7 @@ def runs(tmp_path_factory):
         if f and f != "dvc.lock" and not covers(outs, f) and (ROOT / f).is_file():
             (a / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, a / f)
-    params = yaml.safe_load((a / "params.yaml").read_text())
-    for section, values in MICRO.items():
-        for key, value in values.items():  # a recipe's section is merged key by key, as the others are
-            if isinstance(value, dict):
-                params[section][key].update(value)
-            else:
-                params[section][key] = value
-    (a / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_micro_params(a / "params.yaml", MICRO)
 
     env = environment(a)
     run(["git", "init", "-q"], a, env)

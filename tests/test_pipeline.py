@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from micro import write_micro_params
+
 ROOT = Path(__file__).resolve().parents[1]
 
 MICRO = {
@@ -46,14 +48,7 @@ def project(tmp_path_factory):
         if (ROOT / f).is_file():
             (work / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, work / f)
-    params = yaml.safe_load((work / "params.yaml").read_text())
-    for section, values in MICRO.items():
-        for key, value in values.items():  # a recipe's section is merged key by key, as the others are
-            if isinstance(value, dict):
-                params[section][key].update(value)
-            else:
-                params[section][key] = value
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_micro_params(work / "params.yaml", MICRO)
     (work / "dvc.lock").unlink(missing_ok=True)
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                DVC_NO_ANALYTICS="true", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
