@@ -23,7 +23,7 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 from aladin.io import PipelineError, atomic_path, read_json
-from aladin.paper_numbers import ANCHORS, EFFICIENCY, paper_point, paper_speedups
+from aladin.paper_numbers import ANCHORS, EFFICIENCY, EFFICIENCY_SOURCE, paper_point, paper_speedups
 
 CHANCE_HEAD = "chance (random ranking)"
 RECALL_KEYS = ("r1", "r5", "r10")
@@ -424,10 +424,25 @@ def load_peers(folder: str | Path, recipes: Iterable[str]) -> dict[str, tuple[di
     return out
 
 
+# Our rows and the published system each stands for (aladin.paper_numbers). A recipe with published numbers
+# adds its line here; SelfAlign publishes only relative gains (PEERS.md 5), so it has none.
+PUBLISHED_AS = {"ALADIN matching head": ("ALADIN (paperswithcode row)", "ALADIN A/ft. + D/ft."),
+                "ALADIN alignment head": (None, "ALADIN A/ft."),
+                "teran": ("TERAN", "TERAN")}
+PUBLISHED_SYSTEMS = ("ALADIN A/ft. + D/ft.", "ALADIN A/ft.", "TERAN", "TERN")  # the paper plot's retrieval systems
+
+
+def _published_rsum(system: str | None, protocol: str) -> float | None:
+    anchor = next((a for a in ANCHORS if a.system == system and a.protocol == protocol), None)
+    return None if anchor is None else anchor.rsum
+
+
 def systems_table(eval_metrics: dict, benchmark: dict, peers: dict[str, tuple[dict, dict]]) -> pd.DataFrame:
     """ALADIN's two heads and every neighbour on the same split and protocols: rsum per protocol, the index a
     gallery needs, and the median per-text-query latency on the same device (ALADIN's from the benchmark
-    stage, a neighbour's from evaluate_peer: query encoding plus search against the encoded test gallery)."""
+    stage, a neighbour's from evaluate_peer: query encoding plus search against the encoded test gallery).
+    Beside them the published figures of the same system where there are any (None otherwise): rsum per
+    protocol from `ANCHORS` with its reliability label, and the latency constant of the paper's plot."""
     rows = []
     for head, kind in (("matching", "vector (kNN)"), ("alignment", "set (brute force)")):
         row = {"system": f"ALADIN {head} head", "index": kind}
@@ -446,25 +461,68 @@ def systems_table(eval_metrics: dict, benchmark: dict, peers: dict[str, tuple[di
         row["t2i rsum coco_5k"] = _t2i_rsum(record["coco_5k"])
         row["median ms per query"] = _number(t2i, ["median_ms"], f"metrics/peers/{name}.latency.json")
         rows.append(row)
+    for row in rows:
+        anchor, point = PUBLISHED_AS.get(row["system"], (None, None))
+        for protocol in SYSTEMS_PROTOCOLS:
+            row[f"published rsum {protocol}"] = _published_rsum(anchor, protocol)
+        row["published status"] = next((a.status for a in ANCHORS if a.system == anchor), None)
+        row["paper plot latency (s)"] = next((p.latency_s for p in EFFICIENCY if p.system == point), None)
+    return pd.DataFrame(rows).set_index("system")
+
+
+def published_systems_table() -> pd.DataFrame:
+    """The published numbers of the three systems' families on COCO (PEERS.md 5, PAPER_NUMBERS.md 2):
+    rsum per protocol with status and source, and the latency and t2i rsum the ALADIN paper's plot gives."""
+    names = ["ALADIN (paperswithcode row)", *dict.fromkeys(a.system for a in ANCHORS
+                                                           if a.system in PUBLISHED_SYSTEMS)]
+    rows = []
+    for name in names:
+        anchors = [a for a in ANCHORS if a.system == name and a.protocol in SYSTEMS_PROTOCOLS]
+        row = {"system": name}
+        for protocol in SYSTEMS_PROTOCOLS:
+            row[f"rsum {protocol}"] = _published_rsum(name, protocol)
+        row["status"] = anchors[0].status if anchors else None
+        row["source"] = anchors[0].source if anchors else None
+        rows.append(row)
+    for p in EFFICIENCY:
+        if p.system in PUBLISHED_SYSTEMS:
+            rows.append({"system": f"{p.system} (paper plot)", "t2i rsum, paper plot": p.t2i_rsum,
+                         "latency (s), paper plot": p.latency_s, "status": "verified constant, meaning inferred",
+                         "source": EFFICIENCY_SOURCE})
     return pd.DataFrame(rows).set_index("system")
 
 
 def plot_systems(table: pd.DataFrame) -> Figure:
-    """rsum (coco_5k) of every system against its measured per-query latency, log x."""
-    fig = Figure(figsize=(5.2, 3.4), layout="constrained")
-    ax = fig.subplots()
-    colours = sns.color_palette(n_colors=len(table))
-    for (name, row), colour in zip(table.iterrows(), colours):
-        ax.scatter(row["median ms per query"], row["rsum coco_5k"], s=60, color=colour, zorder=3,
-                   marker="o" if row["index"].startswith("vector") else "s")
-        ax.annotate(name, (row["median ms per query"], row["rsum coco_5k"]), xytext=(5, 4),
-                    textcoords="offset points", fontsize=7)
-    ax.set_xscale("log")
+    """Left: t2i rsum (coco_5k) of every system of this run against its measured per-query latency (log x).
+    Right: the same axes as the ALADIN paper's plot gives them for ALADIN, TERAN and TERN (its constants, s);
+    SelfAlign has no published point. Side by side, not overlaid: units and datasets differ."""
+    fig = Figure(figsize=(8.4, 3.4), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    colours = dict(zip(table.index, sns.color_palette(n_colors=len(table))))
+    for name, row in table.iterrows():
+        left.scatter(row["median ms per query"], row["t2i rsum coco_5k"], s=60, color=colours[name], zorder=3,
+                     marker="o" if row["index"].startswith("vector") else "s")
+        left.annotate(name, (row["median ms per query"], row["t2i rsum coco_5k"]), xytext=(5, 4),
+                      textcoords="offset points", fontsize=7)
+    left.set_xscale("log")
     low, high = table["median ms per query"].min(), table["median ms per query"].max()
-    ax.set_xlim(low / 3, high * 4)
-    ax.margins(y=0.2)
-    ax.set(xlabel="median latency per text query (ms, log)", ylabel="rsum (coco_5k)",
-           title="circles: vector index (kNN); squares: brute force")
+    left.set_xlim(low / 3, high * 4)
+    left.margins(y=0.2)
+    left.set(xlabel="median latency per text query (ms, log)", ylabel="t2i rsum, R@1+R@5+R@10 (coco_5k)",
+             title="this run; circles: kNN index, squares: brute force")
+    ours_of = {point: name for name, (_, point) in PUBLISHED_AS.items()}
+    points = [p for p in EFFICIENCY if p.system in PUBLISHED_SYSTEMS]
+    for p in points:
+        ours = ours_of.get(p.system)
+        colour = colours[ours] if ours in colours else "0.6"
+        right.scatter(p.latency_s, p.t2i_rsum, s=60, color=colour, zorder=3,
+                      marker="o" if p.kind == "matching" or p.system == "TERN" else "s")
+        right.annotate(p.system, (p.latency_s, p.t2i_rsum), xytext=(5, 4), textcoords="offset points", fontsize=7)
+    right.set_xscale("log")
+    right.set_xlim(min(p.latency_s for p in points) / 3, max(p.latency_s for p in points) * 4)
+    right.margins(y=0.2)
+    right.set(xlabel="system latency (s, log), paper constants", ylabel="rsum (t2i, inferred)",
+              title="published (ALADIN's plot, COCO 5K); SelfAlign: none")
     return fig
 
 

@@ -115,12 +115,18 @@ display(Image(filename=report.save_figure(fig, out / "figures" / "efficiency_vs_
 # the same word-region alignment score, separate region and word transformers, no distilled embedding,
 # so its gallery is searched by brute force) and **SelfAlign** (concept- and context-level
 # self-supervised alignment on a CAMERA dual encoder, searched as a vector index). rsum per protocol and
-# the median latency of one text query on the same device. Published numbers for TERAN are in the
-# tables above; SelfAlign publishes only relative gains (PAPER_NUMBERS.md 3).
+# the median latency of one text query on the same device, then the published figures of the same system
+# (PEERS.md 5-6) with their reliability label: rsum on COCO, and the latency constant of the ALADIN paper's
+# plot. SelfAlign publishes no absolute recalls, only gains of "9.1%, 4.2% and 6.6%" [R@sum] on Flickr30k,
+# COCO 1K and COCO 5K over non-pre-trained dual encoders (whether points or percent, and over which base,
+# is not stated; PAPER_NUMBERS.md 3).
+# The plot puts this run (left, measured) beside the published points (right, the paper's constants):
+# side by side, not overlaid, because units, scale and data differ.
 
 # %%
 systems = report.systems_table(evaluation, bench, report.load_peers(peers_dir, [r for r in recipes.split(",") if r]))
 display(systems)
+display(report.published_systems_table())
 fig = report.plot_systems(systems)
 display(Image(filename=report.save_figure(fig, out / "figures" / "systems.png")))
 

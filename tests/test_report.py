@@ -10,6 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from matplotlib.colors import to_rgba
@@ -174,9 +175,21 @@ def test_systems_table_puts_the_neighbours_beside_aladin(evaluation, bench):
     assert table.loc["teran", "index"] == "set (brute force)" and table.loc["selfalign", "index"].startswith("vector")
     assert table.loc["ALADIN matching head", "median ms per query"] == 2.0  # from the benchmark fixture
     assert table.loc["teran", "median ms per query"] == 12.0 and table.loc["teran", "t2i rsum coco_5k"] == 135.0
-    ax = report.plot_systems(table).axes[0]
-    assert sorted(tuple(c.get_offsets().tolist()[0]) for c in ax.collections) == sorted(
-        [(2.0, 309.0), (8.0, 328.2), (12.0, 290.0), (1.5, 250.0)])
+    # published beside ours: TERAN's six recalls (55.6+83.9+91.6+42.6+72.5+82.9), the aggregator's ALADIN row
+    assert table.loc["teran", "published rsum coco_5k"] == 429.1 and table.loc["teran", "published rsum coco_1k_5fold"] == 524.8
+    assert table.loc["ALADIN matching head", "published rsum coco_5k"] == 466.0
+    assert table.loc["teran", "paper plot latency (s)"] == pytest.approx(0.375)
+    assert pd.isna(table.loc["selfalign", "published rsum coco_5k"]) and pd.isna(table.loc["selfalign", "published status"])
+    left, right = report.plot_systems(table).axes
+    # left: t2i R@1+R@5+R@10 on coco_5k (matching 22.6+52.2+66.8, alignment 25.0+55.6+69.2) against measured ms
+    points = np.array(sorted(c.get_offsets().tolist()[0] for c in left.collections))
+    assert points == pytest.approx(np.array(sorted([[2.0, 141.6], [8.0, 149.8], [12.0, 135.0], [1.5, 110.0]])))
+    points = np.array(sorted(c.get_offsets().tolist()[0] for c in right.collections))
+    assert points == pytest.approx(np.array(sorted(
+        [[0.023 * 5, 215.0], [0.098 * 5, 224.0], [0.075 * 5, 204.1], [0.019 * 5, 169.2]])))
+    published = report.published_systems_table()
+    assert published.loc["TERN", "rsum coco_1k_5fold"] == 481.5 and published.loc["TERAN", "rsum coco_5k"] == 429.1
+    assert published["status"].notna().all()
     assert list(report.load_peers(FIXTURES / "peers", ["teran"])) == ["teran"]  # switched-off recipes ignored
     with pytest.raises(PipelineError, match=r"missing/teran.json: file not found \(evaluate_peer@teran's output\)"):
         report.load_peers(FIXTURES / "missing", ["teran"])

@@ -74,6 +74,7 @@ class TeranConfig:
     lr_step: int = 3  # StepLR: lr * lr_gamma ** (epoch // lr_step)
     lr_gamma: float = 0.1
     grad_clip: float = 2.0  # global norm
+    warmup_iters: int = 0  # linear lr warm-up over the first iterations (paper: 0 on COCO, 1,000 on Flickr30k)
 
     def __post_init__(self):
         if self.alignment_mode not in MODES:
@@ -87,6 +88,8 @@ class TeranConfig:
                 raise ValueError(f"teran.{name}: {getattr(self, name)} is not divisible by heads ({self.heads})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"teran.dropout: must lie in [0, 1), got {self.dropout!r}")
+        if self.warmup_iters < 0:
+            raise ValueError(f"teran.warmup_iters: must be >= 0, got {self.warmup_iters!r}")
 
     def loss_weights(self) -> dict[str, float]:
         return {"alignment": self.weight_alignment}
@@ -95,14 +98,16 @@ class TeranConfig:
 CONFIG = TeranConfig  # the name `aladin.peers` looks up
 
 
-# The paper's values (PEERS.md 3.4, configs/teran_coco_MrSw.yaml). Flickr30k differs: batch size 30 and a
-# linear warmup over the first 1,000 iterations, which this recipe does not model.
+# The paper's values (PEERS.md 3.4, configs/teran_coco_MrSw.yaml). Flickr30k differs in batch size 30 and a
+# linear warm-up over the first 1,000 iterations (`PAPER_FLICKR30K`, pytorch_warmup's LinearWarmup).
 PAPER = {
     "d_img": 2048, "region_layers": 4, "d_emb": 1024, "joint_layers": 2, "heads": 4, "ffn": 2048,
     "dropout": 0.1, "text_layers": 6, "shared_te": False, "alignment_mode": "MrSw", "zero_fill": True,
     "margin": 0.2, "max_violation": True, "weight_alignment": 1.0,
     "lr": 1e-5, "epochs": 30, "batch_size": 40, "lr_step": 20, "lr_gamma": 0.1, "grad_clip": 2.0,
+    "warmup_iters": 0,
 }
+PAPER_FLICKR30K = dict(PAPER, batch_size=30, warmup_iters=1000)
 
 
 def _relu(x: Tensor) -> Tensor:
